@@ -1,0 +1,29 @@
+# The two commands a new machine needs: `make demo` and `make test`.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+# torch 2.13.0: a CPU wheel from local disk on the project's machines; an unpinned torch
+# pulls a multi-GB CUDA build. Override for a GPU box, e.g. TORCH_SPEC='torch==2.11.0'.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: demo test test-gpu clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" $(PIP_QUIET)
+	$(VENV)/bin/pip install -q -e '.[test]' $(PIP_QUIET)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/loraflow demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests
+
+test-gpu: $(STAMP)
+	$(VENV)/bin/python -m pytest -m gpu tests/gpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,147 @@
+"""The `loraflow` command line: run, validate, demo.
+
+The Hub endpoint and token come from the environment (HF_ENDPOINT, HF_TOKEN), as for
+every Hugging Face tool; they are never arguments. With --json the last line of stdout
+is one JSON object describing the run; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tasks import settings
+from tasks.errors import LoraflowError, ProfileError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraflow", description="Fine-tune a LoRA adapter from a "
+                                "profile and publish it on the Hugging Face Hub.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_overrides(sp):
+        sp.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a profile field (repeatable)")
+
+    run = sub.add_parser("run", help="run the fine-tuning flow for a profile")
+    run.add_argument("profile", help="a YAML profile path or a preset name (e.g. quickstart)")
+    with_overrides(run)
+    run.add_argument("--json", action="store_true", help="end stdout with a JSON run report")
+
+    val = sub.add_parser("validate", help="check a profile and print it resolved")
+    val.add_argument("profile")
+    with_overrides(val)
+
+    demo = sub.add_parser("demo", help="run the quickstart against a local Hub: nothing to set up")
+    with_overrides(demo)
+    demo.add_argument("--json", action="store_true", help="end stdout with a JSON run report")
+    return p
+
+
+def _failure_report(profile_name: str, error: LoraflowError) -> dict:
+    return {"status": "failed", "flow_run_id": None, "profile": profile_name, "steps": {},
+            "base_model": None, "adapter": None, "hub": None, "metrics": None,
+            "error": error.to_dict()}
+
+
+def _summary(report: dict) -> str:
+    if report["status"] != "completed":
+        err = report["error"] or {}
+        return f"\nloraflow: run failed — {err.get('type')}: {err.get('message')}"
+    hub, adapter, m = report["hub"], report["adapter"], report["metrics"]
+    steps = ", ".join(f"{k} {v['state']}" for k, v in report["steps"].items())
+    eval_loss = "n/a" if m.get("eval_loss") is None else f"{m['eval_loss']:.3f}"
+    return (f"\nTrained a LoRA adapter for {report['base_model']['repo_id']}@"
+            f"{report['base_model']['commit'][:12]}: loss {m['first_loss']:.3f} → "
+            f"{m['last_loss']:.3f} (eval {eval_loss}), {adapter['trainable_params']:,} trainable "
+            f"parameters.\nSteps: {steps}\nPublished: {hub['url']} @ {hub['commit'][:12]} "
+            f"(tag {hub['tag']})\nLoad it:\n"
+            f"  base = AutoModelForCausalLM.from_pretrained('{report['base_model']['repo_id']}')\n"
+            f"  model = PeftModel.from_pretrained(base, '{hub['repo_id']}', revision='{hub['tag']}')")
+
+
+def run_profile(profile_name: str, profile) -> dict:
+    """Run the flow in-process; return the report whether it completed or failed."""
+    settings.prepare_client_environment()
+    from flows.finetune import FlowFailed, finetune
+
+    state = finetune(profile, profile_name=profile_name, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, FlowFailed):
+        return outcome.report
+    if isinstance(outcome, BaseException):
+        return {**_failure_report(profile_name, LoraflowError(str(outcome))),
+                "flow_run_id": str(state.state_details.flow_run_id)}
+    return outcome
+
+
+def _emit(report: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(report, default=str))
+    else:
+        print(_summary(report))
+    return 0 if report["status"] == "completed" else 1
+
+
+def cmd_validate(args) -> int:
+    from profiles.loader import load_profile
+
+    profile = load_profile(args.profile, args.overrides)
+    import yaml
+
+    print(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from profiles.loader import load_profile, profile_name
+
+    profile = load_profile(args.profile, args.overrides)
+    return _emit(run_profile(profile_name(args.profile), profile), args.json)
+
+
+def cmd_demo(args) -> int:
+    """Start localhub in a temporary directory, seed it, run the quickstart as the demo user."""
+    import tempfile
+
+    from localhub.seed import seed
+    from localhub.server import LocalHub
+
+    root = Path(tempfile.mkdtemp(prefix="loraflow-localhub-"))
+    hub = LocalHub(root).start(port=0)
+    try:
+        seeded = seed(root)
+        demo_user = next(u for u in seeded["users"] if u["name"] == "demo")
+        # Set before the Hub clients are imported: they read these at import time.
+        os.environ.update(HF_ENDPOINT=hub.url, HF_TOKEN=demo_user["token"],
+                          HF_HUB_DISABLE_XET="1")
+        print(f"localhub serving {root} at {hub.url} (seeded as user 'demo')", file=sys.stderr)
+        from profiles.loader import load_profile
+
+        profile = load_profile("quickstart", args.overrides)
+        code = _emit(run_profile("quickstart", profile), args.json)
+        if not args.json:
+            print(f"The local Hub's files stay under {root}.")
+        return code
+    finally:
+        hub.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"run": cmd_run, "validate": cmd_validate, "demo": cmd_demo}
+    try:
+        return commands[args.command](args)
+    except ProfileError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps(_failure_report(args.profile if hasattr(args, "profile")
+                                             else "quickstart", exc)))
+        else:
+            print(f"loraflow: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

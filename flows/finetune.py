@@ -1,0 +1,129 @@
+"""The fine-tuning flow: it only sequences the steps; each step is a task in tasks/.
+
+    preflight ─► download ─┐
+        └──────► dataset ──┴─► train ─► publish ─► verify
+
+Caching is keyed on content (see tasks/caching.py): preflight never; download,
+dataset and train by their content keys, and a hit whose files are gone or changed is
+treated as a miss; publish is idempotent against the repo; verify is keyed by
+(Hub commit, adapter sha256).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from prefect import flow
+from prefect.filesystems import LocalFileSystem
+from prefect.runtime import flow_run
+
+from profiles.schema import Profile
+from tasks import settings
+from tasks.caching import content_cache_policy
+from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
+from tasks.download import download_is_cached_and_intact, download_key, download_snapshot
+from tasks.errors import LoraflowError
+from tasks.preflight import preflight
+from tasks.publish import publish_adapter
+from tasks.train import train_adapter, train_is_cached_and_intact, train_key
+from tasks.verify import verify_key, verify_publication
+
+STEPS = ("preflight", "download", "dataset", "train", "publish", "verify")
+
+
+class FlowFailed(Exception):
+    """Carries the partial run report out of a failed flow run."""
+
+    def __init__(self, error: BaseException, report: dict):
+        super().__init__(str(error))
+        self.error = error
+        self.report = report
+
+
+def cached(task_obj, key_fn: Callable[..., str], intact: bool = True):
+    """The task with a content-keyed cache under LORAFLOW_HOME; a miss if outputs are gone."""
+    home = settings.loraflow_home()
+    return task_obj.with_options(
+        cache_policy=content_cache_policy(key_fn, home / "locks"),
+        persist_result=True,
+        result_storage=LocalFileSystem(basepath=str(home / "results")),
+        refresh_cache=not intact)
+
+
+class StepRecorder:
+    """Runs each step, recording completed / cached / failed and its wall time."""
+
+    def __init__(self, report: dict, progress: Callable[[str], None]):
+        self.report, self.progress = report, progress
+
+    def __call__(self, name: str, task_obj, **kwargs) -> Any:
+        self.progress(f"▶ {name}")
+        start = time.monotonic()
+        state = task_obj(return_state=True, **kwargs)
+        seconds = round(time.monotonic() - start, 3)
+        if not state.is_completed():
+            self.report["steps"][name] = {"state": "failed", "seconds": seconds}
+            self.progress(f"✘ {name} failed after {seconds:.1f}s")
+            raise state.result(raise_on_failure=False)
+        kind = "cached" if state.name == "Cached" else "completed"
+        self.report["steps"][name] = {"state": kind, "seconds": seconds}
+        self.progress(f"✔ {name} {kind} in {seconds:.1f}s")
+        return state.result()
+
+
+def _empty_report(profile: Profile, profile_name: str) -> dict:
+    return {"status": "running", "flow_run_id": str(flow_run.id), "profile": profile_name,
+            "steps": {s: {"state": "skipped", "seconds": 0.0} for s in STEPS},
+            "base_model": {"repo_id": profile.model.id, "commit": None},
+            "adapter": None, "hub": None, "metrics": None, "error": None}
+
+
+def _print_progress(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+@flow(name="loraflow-finetune", log_prints=True)
+def finetune(profile: Profile, profile_name: str = "custom") -> dict:
+    """Profile → trained LoRA adapter published on the Hub. Returns the run report.
+
+    Args:
+        profile: the validated profile (model, quantization, lora, data, training, publish).
+        profile_name: a label for reports (the preset or file name).
+    Raises:
+        FlowFailed: wrapping the typed step error, with the partial report.
+    """
+    report = _empty_report(profile, profile_name)
+    step = StepRecorder(report, _print_progress)
+    try:
+        pre = step("preflight", preflight, profile=profile)
+        report["base_model"]["commit"] = pre.base_model.commit
+        snapshot = step("download", cached(download_snapshot, download_key,
+                                           download_is_cached_and_intact(pre.base_model)),
+                        model=pre.base_model)
+        seed = profile.training.seed
+        data = step("dataset", cached(prepare_dataset, dataset_key, dataset_is_cached_and_intact(
+            profile.data, pre.dataset, snapshot, seed)),
+            data=profile.data, source=pre.dataset, snapshot=snapshot, seed=seed)
+        trained = step("train", cached(train_adapter, train_key,
+                                       train_is_cached_and_intact(profile, snapshot, data)),
+                       profile=profile, preflight=pre, snapshot=snapshot, dataset=data,
+                       flow_run_id=str(flow_run.id))
+        report["adapter"] = {"path": trained.adapter_dir, "sha256": trained.adapter_sha256,
+                             "trainable_params": trained.trainable_params,
+                             "total_params": trained.total_params}
+        report["metrics"] = trained.metrics
+        published = step("publish", publish_adapter, train=trained, publish=profile.publish)
+        report["hub"] = {"endpoint": settings.hub_endpoint(), "repo_id": published.repo_id,
+                         "commit": published.commit, "tag": published.tag,
+                         "url": published.url, "new_commit": published.new_commit}
+        step("verify", cached(verify_publication, verify_key), publication=published,
+             train=trained, snapshot=snapshot, profile=profile)
+    except BaseException as exc:
+        report["status"] = "failed"
+        report["error"] = (exc.to_dict() if isinstance(exc, LoraflowError)
+                           else {"type": type(exc).__name__, "message": str(exc)})
+        raise FlowFailed(exc, report) from exc
+    report["status"] = "completed"
+    return report

@@ -1,0 +1,101 @@
+"""Load a profile from YAML (or a preset name) with `section.key=value` overrides.
+
+Every failure becomes a ProfileError whose message names the field, the cause and
+the fix, so `loraflow validate` and `loraflow run` can exit non-zero with it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from profiles.schema import Profile, presets_dir
+from tasks.errors import ProfileError
+
+
+def resolve_profile_path(name_or_path: str) -> Path:
+    """A file path as given, or the name of a preset in profiles/ (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = presets_dir() / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if preset.is_file():
+        return preset
+    names = ", ".join(sorted(p.stem for p in presets_dir().glob("*.yaml")))
+    raise ProfileError(f"profile '{name_or_path}': no such file or preset. Fix: give a path "
+                       f"to a YAML profile or one of the presets: {names}.")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML (1e-3, true, [a])."""
+    if "=" not in assignment:
+        raise ProfileError(f"--set '{assignment}': expected section.key=value. "
+                           "Fix: e.g. --set lora.r=4")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ProfileError(f"--set '{assignment}': '{dotted}' is not section.key. "
+                           "Fix: e.g. --set training.learning_rate=1e-4")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ProfileError(f"--set '{assignment}': '{key}' is not a section.")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per bad field: the dotted field, what is wrong, and what it should be."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown field. Fix: remove it or check its spelling "
+                         "(`loraflow validate` prints every known field).")
+            continue
+        if e["type"] == "value_error":
+            lines.append(str(e["ctx"]["error"]))
+            continue
+        hint = _field_description(e["loc"])
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {e['msg']}{shown}. Fix: set {loc} to a valid value"
+                     + (f" — {hint}" if hint else "."))
+    return "invalid profile:\n  " + "\n  ".join(lines)
+
+
+def _field_description(loc: tuple) -> str | None:
+    model = Profile
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            model = ann
+        else:
+            return field.description
+    return None
+
+
+def load_profile(name_or_path: str, overrides: list[str] | None = None) -> Profile:
+    """Read, override and validate a profile. Raises ProfileError."""
+    path = resolve_profile_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"profile {path}: not valid YAML ({exc}). Fix the syntax.") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {path}: expected a mapping of sections "
+                           "(model, quantization, lora, data, training, publish).")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(describe_validation_error(err)) from None
+
+
+def profile_name(name_or_path: str) -> str:
+    return resolve_profile_path(name_or_path).stem

@@ -1,0 +1,167 @@
+"""prepare_dataset: rows → (prompt, completion) → token ids with prompt masking.
+
+Formats: alpaca {instruction, input, output}; chat {messages} through the tokenizer's
+chat template (the last assistant turn is the completion); prompt-completion
+{prompt, completion}; text {text}. The result (train + optional eval split) is saved
+with `save_to_disk` under LORAFLOW_HOME/datasets/<key>/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel
+
+from profiles.schema import DataSection
+from tasks import errors, settings
+from tasks.caching import code_version, outputs_intact, stable_hash, write_manifest
+from tasks.download import SnapshotManifest
+from tasks.preflight import DatasetRef
+from tasks.retry import TRANSIENT_RETRIES
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response "
+                 "that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                 "{input_block}### Response:\n")
+REQUIRED_COLUMNS = {"alpaca": {"instruction", "output"}, "chat": {"messages"},
+                    "prompt-completion": {"prompt", "completion"}, "text": {"text"}}
+
+
+class DatasetManifest(BaseModel):
+    """The prepared dataset: where it is and what it holds."""
+    path: str
+    key: str
+    num_train: int
+    num_eval: int
+    train_tokens: int
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                    "chat_template.jinja") \
+        or name.endswith(".model") or name.startswith("vocab.") or name == "merges.txt"
+
+
+def dataset_key(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
+                seed: int, **_) -> str:
+    """Dataset content + the tokenizer's files (chat template included) + data config
+    + the split seed + this step's code."""
+    return stable_hash("dataset", source.source, source.id, source.content_id,
+                       snapshot.file_hashes(_is_tokenizer_file), data, seed,
+                       code_version("tasks.dataset"))
+
+
+def dataset_dir(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
+                seed: int) -> Path:
+    return settings.loraflow_home() / "datasets" / dataset_key(data, source, snapshot, seed)
+
+
+def format_example(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
+    """One row → (prompt, completion) text. The completion is what the loss sees."""
+    if fmt == "alpaca":
+        inp = (row.get("input") or "").strip()
+        prompt = ALPACA_PROMPT.format(
+            with_input=", paired with an input that provides further context" if inp else "",
+            instruction=row["instruction"].strip(),
+            input_block=f"### Input:\n{inp}\n\n" if inp else "")
+        return prompt, row["output"].strip()
+    if fmt == "chat":
+        messages = row["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise errors.DatasetError("data.format chat: every row's last message must be "
+                                      "the assistant's (it is the completion to learn).")
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                               add_generation_prompt=True)
+        return prompt, messages[-1]["content"]
+    if fmt == "prompt-completion":
+        return row["prompt"], row["completion"]
+    return "", row["text"]
+
+
+def tokenize_example(prompt: str, completion: str, tokenizer, max_length: int,
+                     mask_prompt: bool) -> dict:
+    """Token ids for prompt + completion + EOS; prompt labels masked with -100 if asked."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else (
+        [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    completion_ids = completion_ids + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) if mask_prompt else list(prompt_ids)) + completion_ids
+    return {"input_ids": input_ids, "labels": labels[:max_length],
+            "attention_mask": [1] * len(input_ids)}
+
+
+def load_rows(data: DataSection, source: DatasetRef):
+    """The raw rows through `datasets`: a Hub repo at its commit, or a local file."""
+    settings.prepare_client_environment()
+    import datasets
+
+    cache_dir = str(settings.loraflow_home() / "datasets-cache")
+    if source.source == "file":
+        kind = {".jsonl": "json", ".json": "json", ".csv": "csv",
+                ".parquet": "parquet"}[Path(source.id).suffix]
+        return datasets.load_dataset(kind, data_files=source.id, split="train",
+                                     cache_dir=cache_dir)
+    from huggingface_hub import errors as hf
+
+    try:
+        return datasets.load_dataset(source.id, revision=source.commit,
+                                     data_files=data.data_files, split=data.split,
+                                     cache_dir=cache_dir, token=settings.hub_token())
+    except hf.HfHubHTTPError as exc:
+        raise errors.translate_hub_error(exc, repo_id=source.id, repo_type="dataset",
+                                         revision=source.commit,
+                                         endpoint=settings.hub_endpoint()) from None
+
+
+def run_prepare_dataset(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
+                        seed: int) -> DatasetManifest:
+    """Load, format, tokenize, split and save. Raises DatasetError on unusable rows."""
+    from transformers import AutoTokenizer
+
+    rows = load_rows(data, source)
+    missing = REQUIRED_COLUMNS[data.format] - set(rows.column_names)
+    if missing:
+        raise errors.DatasetError(
+            f"data.format: '{data.format}' needs columns {sorted(REQUIRED_COLUMNS[data.format])}"
+            f" but {source.id} has {rows.column_names} (missing {sorted(missing)}). Fix: set "
+            "data.format to the layout of your rows, or convert the data.")
+    tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
+    if data.format == "chat" and not tokenizer.chat_template:
+        raise errors.DatasetError("data.format chat: the base model's tokenizer has no chat "
+                                  "template. Fix: use format alpaca or prompt-completion.")
+
+    def encode(row: dict) -> dict:
+        prompt, completion = format_example(row, data.format, tokenizer)
+        return tokenize_example(prompt, completion, tokenizer, data.max_length,
+                                data.mask_prompt and data.format != "text")
+
+    tokenized = rows.map(encode, remove_columns=rows.column_names, desc="tokenize")
+    tokenized = tokenized.filter(lambda r: any(label != -100 for label in r["labels"]),
+                                 desc="drop rows with nothing to learn")
+    if len(tokenized) == 0:
+        raise errors.DatasetError(f"data.max_length: every example of {source.id} is all "
+                                  "prompt at this length. Fix: raise data.max_length.")
+    split = None
+    if data.eval_split > 0 and len(tokenized) >= 10:
+        split = tokenized.train_test_split(test_size=data.eval_split, seed=seed)
+    out = dataset_dir(data, source, snapshot, seed)
+    train = split["train"] if split else tokenized
+    train.save_to_disk(str(out / "train"))
+    if split:
+        split["test"].save_to_disk(str(out / "eval"))
+    train_tokens = sum(len(ids) for ids in train["input_ids"])
+    info = {"num_train": len(train), "num_eval": len(split["test"]) if split else 0,
+            "train_tokens": train_tokens}
+    write_manifest(out, info)
+    return DatasetManifest(path=str(out), key=out.name, **info)
+
+
+def dataset_is_cached_and_intact(data, source, snapshot, seed) -> bool:
+    return outputs_intact(dataset_dir(data, source, snapshot, seed))
+
+
+@task(name="dataset", **TRANSIENT_RETRIES)
+def prepare_dataset(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
+                    seed: int) -> DatasetManifest:
+    """Prefect task: run_prepare_dataset, cached by dataset_key."""
+    return run_prepare_dataset(data, source, snapshot, seed)

@@ -1,0 +1,231 @@
+"""train_adapter: load the base, inject LoRA, train with transformers' Trainer.
+
+The model is loaded and the adapter injected *inside* the task: GPU objects never
+cross a task boundary. Everything lands in a run directory keyed by the training's
+cache key (LORAFLOW_HOME/runs/<key>/): checkpoints, the adapter, the initial adapter
+weights (to prove every tensor moved), metrics and the lineage record. A re-run after
+a crash finds the checkpoints there and resumes.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Optional
+
+from prefect import task
+from pydantic import BaseModel
+
+from profiles.schema import Profile
+from tasks import errors, settings
+from tasks.caching import code_version, outputs_intact, sha256_file, stable_hash, write_manifest
+from tasks.dataset import DatasetManifest
+from tasks.download import SnapshotManifest
+from tasks.preflight import PreflightReport
+from tasks.retry import TRANSIENT_RETRIES
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+RECORD = "record.json"
+
+
+class TrainResult(BaseModel):
+    """What training produced: the run directory, the adapter and its fingerprint."""
+    run_dir: str
+    adapter_dir: str
+    adapter_sha256: str
+    trainable_params: int
+    total_params: int
+    metrics: dict
+
+
+def train_key(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetManifest,
+              **_) -> str:
+    """Base weights/config/tokenizer hashes + prepared dataset key + every setting that
+    changes the adapter + this step's code. The publish section is left out on purpose:
+    changing where an adapter goes must not retrain it."""
+    return stable_hash("train", snapshot.repo_id, snapshot.commit, snapshot.file_hashes(),
+                       dataset.key, profile.model, profile.quantization, profile.lora,
+                       profile.training,
+                       code_version("tasks.train", "tasks.modeling", "tasks.caching"))
+
+
+def run_dir_for(key: str) -> Path:
+    return settings.loraflow_home() / "runs" / key
+
+
+def _in_result(rel: str) -> bool:
+    # The manifest covers what a cache hit hands on, not the (changing) checkpoints.
+    return rel.startswith("adapter/") or rel == RECORD
+
+
+def _log_losses(log_history: list[dict]) -> tuple[list[dict], Optional[float]]:
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in log_history if "eval_loss" in h]
+    return losses, (evals[-1] if evals else None)
+
+
+def _unchanged_lora_tensors(model, initial: dict) -> list[str]:
+    import torch
+
+    current = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    return [k for k, v in initial.items() if torch.equal(v, current[k].detach().cpu())]
+
+
+def _library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "prefect",
+                 "huggingface_hub", "loraflow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _hardware() -> dict:
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"gpus": gpus, "cpu": platform.processor() or platform.machine(),
+            "platform": platform.platform()}
+
+
+def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, out: Path):
+    """transformers.Trainer with the profile's TrainingArguments (the one mapping)."""
+    import datasets
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    t = profile.training
+    train_ds = datasets.load_from_disk(str(Path(dataset.path) / "train"))
+    eval_path = Path(dataset.path) / "eval"
+    eval_ds = datasets.load_from_disk(str(eval_path)) if eval_path.exists() else None
+    dtype = next(model.parameters()).dtype
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=t.learning_rate,
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.num_epochs,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if (eval_ds is not None and t.eval_steps) else "no",
+        eval_steps=t.eval_steps,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                      pad_to_multiple_of=8)
+    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                   data_collator=collator), eval_ds
+
+
+def _last_checkpoint(out: Path) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = out / "checkpoints"
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotManifest,
+              dataset: DatasetManifest, flow_run_id: Optional[str] = None) -> TrainResult:
+    """Train the adapter into LORAFLOW_HOME/runs/<key>/, resuming from a checkpoint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, set_seed
+
+    from tasks.modeling import inject_adapter, load_base_model
+
+    key = train_key(profile, snapshot, dataset)
+    out = run_dir_for(key)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(profile.training.seed)
+    tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels are -100 on padding anyway
+    base = load_base_model(profile.model, profile.quantization, snapshot.local_dir)
+    model = inject_adapter(base, profile.lora, profile.quantization,
+                           profile.training.gradient_checkpointing)
+    init_path = out / "adapter_init.safetensors"
+    initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    if not init_path.exists():
+        save_file(initial, str(init_path))
+    else:  # resuming: the "before" weights are those of the first attempt
+        initial = load_file(str(init_path))
+    trainable, total = model.get_nb_trainable_parameters()
+
+    trainer, eval_ds = build_trainer(profile, model, tokenizer, dataset, out)
+    resume = _last_checkpoint(out)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError:
+        raise errors.OutOfMemoryError(
+            "out of memory while training. Fix: lower training.per_device_batch_size, "
+            "turn on training.gradient_checkpointing, or quantize (quantization.mode nf4)."
+        ) from None
+    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+
+    unchanged = _unchanged_lora_tensors(model, initial)
+    if unchanged:
+        raise errors.TrainingError(
+            f"{len(unchanged)} LoRA tensors did not change during training (e.g. "
+            f"{unchanged[0]}): the adapter learned nothing. Fix: check the learning rate and "
+            "data; on CPU, 4-bit bitsandbytes weights stop passing gradients after an "
+            "evaluation forward — use quantization.mode int8 or none there.")
+
+    adapter_dir = out / "adapter"
+    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    losses, eval_loss = _log_losses(trainer.state.log_history)
+    metrics = {"train_loss": result.training_loss, "first_loss": losses[0]["loss"],
+               "last_loss": losses[-1]["loss"], "eval_loss": eval_metrics.get("eval_loss",
+                                                                               eval_loss),
+               "steps": trainer.state.global_step, "resumed_from": resume and Path(resume).name,
+               "train_runtime_s": result.metrics.get("train_runtime")}
+    adapter_sha = sha256_file(adapter_dir / "adapter_model.safetensors")
+    record = {
+        "train_key": key, "flow_run_id": flow_run_id,
+        "profile": profile.model_dump(mode="json"),
+        "base_model": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
+                       "license": preflight.base_model.license,
+                       "files": snapshot.file_hashes()},
+        "dataset": {**preflight.dataset.model_dump(mode="json"), "prepared_key": dataset.key,
+                    "num_train": dataset.num_train, "num_eval": dataset.num_eval},
+        "adapter": {"sha256": adapter_sha, "trainable_params": trainable,
+                    "total_params": total},
+        "metrics": metrics, "loss_history": losses,
+        "versions": _library_versions(), "hardware": _hardware(),
+    }
+    (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+    write_manifest(out, include=_in_result)
+    return TrainResult(run_dir=str(out), adapter_dir=str(adapter_dir), adapter_sha256=adapter_sha,
+                       trainable_params=trainable, total_params=total, metrics=metrics)
+
+
+def train_is_cached_and_intact(profile, snapshot, dataset) -> bool:
+    return outputs_intact(run_dir_for(train_key(profile, snapshot, dataset)))
+
+
+@task(name="train", **TRANSIENT_RETRIES)
+def train_adapter(profile: Profile, preflight: PreflightReport, snapshot: SnapshotManifest,
+                  dataset: DatasetManifest, flow_run_id: Optional[str] = None) -> TrainResult:
+    """Prefect task: run_train, cached by train_key; a retry resumes from the last checkpoint."""
+    return run_train(profile, preflight, snapshot, dataset, flow_run_id)
