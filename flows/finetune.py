@@ -14,7 +14,6 @@ import time
 from typing import Any, Callable
 
 from prefect import flow
-from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
 from profiles.schema import Profile
@@ -46,7 +45,7 @@ def cached(task_obj, key_fn: Callable[..., str], intact: bool = True):
     return task_obj.with_options(
         cache_policy=content_cache_policy(key_fn, home / "locks"),
         persist_result=True,
-        result_storage=LocalFileSystem(basepath=str(home / "results")),
+        result_storage=home / "results",  # a Path: local storage, no saved block needed
         refresh_cache=not intact)
 
 

@@ -162,9 +162,9 @@ def run_preflight(profile: Profile) -> PreflightReport:
     """All checks, cheapest first. Raises a typed LoraflowError naming cause and fix."""
     api = hub_api()
     me = check_token(api)
-    check_write_access(me, profile.publish.repo_id)
     model = resolve_model(api, profile)
     dataset = resolve_dataset(api, profile)
+    check_write_access(me, profile.publish.repo_id)
     check_disk(model.download_bytes)
     return PreflightReport(user=me["name"], base_model=model, dataset=dataset,
                            target_repo=profile.publish.repo_id)

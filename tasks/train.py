@@ -64,11 +64,18 @@ def _log_losses(log_history: list[dict]) -> tuple[list[dict], Optional[float]]:
     return losses, (evals[-1] if evals else None)
 
 
-def _unchanged_lora_tensors(model, initial: dict) -> list[str]:
+def _adapter_weights(model) -> dict:
+    """The adapter's tensors, named as in adapter_model.safetensors, copied to CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _unchanged_tensors(model, initial: dict) -> list[str]:
     import torch
 
-    current = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    return [k for k, v in initial.items() if torch.equal(v, current[k].detach().cpu())]
+    current = _adapter_weights(model)
+    return [k for k, v in initial.items() if torch.equal(v, current[k])]
 
 
 def _library_versions() -> dict:
@@ -166,7 +173,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     model = inject_adapter(base, profile.lora, profile.quantization,
                            profile.training.gradient_checkpointing)
     init_path = out / "adapter_init.safetensors"
-    initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    initial = _adapter_weights(model)
     if not init_path.exists():
         save_file(initial, str(init_path))
     else:  # resuming: the "before" weights are those of the first attempt
@@ -184,7 +191,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         ) from None
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
-    unchanged = _unchanged_lora_tensors(model, initial)
+    unchanged = _unchanged_tensors(model, initial)
     if unchanged:
         raise errors.TrainingError(
             f"{len(unchanged)} LoRA tensors did not change during training (e.g. "

@@ -87,3 +87,9 @@ def hub_user(hub: SeededHub, user: str | None):
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def as_user(hub):
+    """`with as_user("demo"): ...` runs the body with that user's token in HF_TOKEN."""
+    return lambda user: hub_user(hub, user)
