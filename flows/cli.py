@@ -15,6 +15,8 @@ from pathlib import Path
 from tasks import settings
 from tasks.errors import LoraflowError, ProfileError
 
+COMMAND_MODULES: tuple[str, ...] = ()
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraflow", description="Fine-tune a LoRA adapter from a "
@@ -37,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the quickstart against a local Hub: nothing to set up")
     with_overrides(demo)
     demo.add_argument("--json", action="store_true", help="end stdout with a JSON run report")
+    run.set_defaults(handler=cmd_run)
+    val.set_defaults(handler=cmd_validate)
+    demo.set_defaults(handler=cmd_demo)
+    # Command groups that live in their own modules: each exposes register(subparsers),
+    # adding its subparsers with set_defaults(handler=...).
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
@@ -131,9 +142,8 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "validate": cmd_validate, "demo": cmd_demo}
     try:
-        return commands[args.command](args)
+        return args.handler(args)
     except ProfileError as exc:
         if getattr(args, "json", False):
             print(json.dumps(_failure_report(args.profile if hasattr(args, "profile")

@@ -129,6 +129,10 @@ class PublishSection(_Section):
     private: bool = Field(True, description="create_repo's private: private unless you opt out.")
     tag: Optional[str] = Field(None, description="Tag for this version (create_tag's tag); "
                                "null: the next vN.")
+    license: Optional[str] = Field(None, description="The card's license (ModelCardData."
+                                   "license); null: inherited from the base model's card.")
+    merged: bool = Field(False, description="Also push the base with the adapter merged in, "
+                         "as 16-bit safetensors (merge_and_unload), to <repo_id>-merged.")
 
 
 class Profile(_Section):

@@ -111,3 +111,10 @@ or, with peft installed, in one line: `AutoModelForCausalLM.from_pretrained("{re
 - Training cache key: `{record['train_key']}`
 """
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def write_publication_files(run_dir, record: dict, repo_id: str) -> None:
+    """The card (README.md) beside the run's record, rendered once when training ends."""
+    from pathlib import Path
+
+    (Path(run_dir) / "README.md").write_text(render_model_card(record, repo_id))

@@ -21,6 +21,7 @@ from tasks import errors, settings
 from tasks.caching import code_version, outputs_intact, sha256_file, stable_hash, write_manifest
 from tasks.dataset import DatasetManifest
 from tasks.download import SnapshotManifest
+from tasks.modelcard import write_publication_files
 from tasks.preflight import PreflightReport
 from tasks.retry import TRANSIENT_RETRIES
 
@@ -222,6 +223,8 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         "versions": _library_versions(), "hardware": _hardware(),
     }
     (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+    # The card and lineage are written now, so a later (re-)publish sends these bytes.
+    write_publication_files(out, record, profile.publish.repo_id)
     write_manifest(out, include=_in_result)
     return TrainResult(run_dir=str(out), adapter_dir=str(adapter_dir), adapter_sha256=adapter_sha,
                        trainable_params=trainable, total_params=total, metrics=metrics)
