@@ -15,7 +15,9 @@ from pathlib import Path
 from tasks import settings
 from tasks.errors import LoraflowError, ProfileError
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "flows.cli_publish",
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,12 +16,14 @@ from typing import Any, Callable
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_run_artifacts
 from profiles.schema import Profile
 from tasks import settings
 from tasks.caching import content_cache_policy
 from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
 from tasks.download import download_is_cached_and_intact, download_key, download_snapshot
 from tasks.errors import LoraflowError
+from tasks.merge import publish_merged
 from tasks.preflight import preflight
 from tasks.publish import publish_adapter
 from tasks.train import train_adapter, train_is_cached_and_intact, train_key
@@ -119,6 +121,11 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
                          "url": published.url, "new_commit": published.new_commit}
         step("verify", cached(verify_publication, verify_key), publication=published,
              train=trained, snapshot=snapshot, profile=profile)
+        if profile.publish.merged:
+            merged = step("publish_merged", publish_merged, train=trained, snapshot=snapshot,
+                          profile=profile, adapter=published)
+            report["hub"]["merged"] = merged.model_dump()
+        publish_run_artifacts(report)
     except BaseException as exc:
         report["status"] = "failed"
         report["error"] = (exc.to_dict() if isinstance(exc, LoraflowError)

@@ -1,11 +1,22 @@
-"""The adapter's model card (README.md), rendered from the run's record.
+"""The files that travel with an adapter: model card (README.md), lineage manifest
+(loraflow.json) and loss curve (loss_curve.png).
 
-A pure function of (record, repo_id): re-publishing the same run sends the same bytes,
-which is what makes publishing idempotent. No timestamps, no placeholders.
+All three are pure functions of the run's record (and the target repo id, for the
+card's loading snippet), written into the run directory when training ends: a
+re-publish sends the same bytes, which is what makes publishing idempotent. No
+timestamps, no placeholders.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from tasks.plot import loss_curve_png
+
+CARD, LINEAGE, LOSS_CURVE = "README.md", "loraflow.json", "loss_curve.png"
+# What the lineage manifest keeps from the run record: enough to reproduce the run.
+LINEAGE_KEYS = ("profile", "base_model", "dataset", "adapter", "metrics", "flow_run_id",
+                "flow_run_url", "train_key", "versions", "hardware")
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -18,47 +29,61 @@ def _section_rows(section: dict, prefix: str) -> list[tuple[str, object]]:
     return [(f"`{prefix}.{k}`", v) for k, v in section.items()]
 
 
-def render_model_card(record: dict, repo_id: str) -> str:
-    """README.md text: YAML metadata (via ModelCardData) + a body that reproduces the run."""
-    from huggingface_hub import ModelCard, ModelCardData
+def _fmt(value, digits: int = 4):
+    return "n/a" if value is None else round(value, digits)
 
-    profile, base, data = record["profile"], record["base_model"], record["dataset"]
-    metrics, adapter = record["metrics"], record["adapter"]
+
+def card_metadata(record: dict, repo_id: str, relation: str = "adapter"):
+    """ModelCardData: base model and relation, library, task, tags, data, license, results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    profile, base, data, metrics = (record["profile"], record["base_model"], record["dataset"],
+                                    record["metrics"])
     quantized = profile["quantization"]["mode"] != "none"
-    dataset_ids = [data["id"]] if data["source"] == "hub" else None
     eval_results = None
     if metrics.get("eval_loss") is not None:
-        from huggingface_hub import EvalResult
-
         eval_results = [EvalResult(task_type="text-generation", dataset_type=data["id"],
                                    dataset_name=data["id"], metric_type="loss",
                                    metric_value=round(metrics["eval_loss"], 6),
                                    metric_name="eval loss")]
-    card_data = ModelCardData(
-        base_model=base["repo_id"], library_name="peft", pipeline_tag="text-generation",
-        license=base.get("license") or None, datasets=dataset_ids,
+    return ModelCardData(
+        base_model=base["repo_id"], base_model_relation=relation,
+        library_name="peft" if relation == "adapter" else "transformers",
+        pipeline_tag="text-generation",
+        license=profile["publish"].get("license") or base.get("license"),
+        datasets=[data["id"]] if data["source"] == "hub" else None,
         tags=["loraflow", "qlora" if quantized else "lora",
-              f"base_model:adapter:{base['repo_id']}"],
-        model_name=repo_id, eval_results=eval_results, base_model_relation="adapter")
+              f"base_model:{relation}:{base['repo_id']}"],
+        model_name=repo_id, eval_results=eval_results)
 
+
+def render_model_card(record: dict, repo_id: str) -> str:
+    """README.md text: YAML metadata (via ModelCardData) + a body that reproduces the run."""
+    from huggingface_hub import ModelCard
+
+    profile, base, data = record["profile"], record["base_model"], record["dataset"]
+    metrics, adapter = record["metrics"], record["adapter"]
+    quantized = profile["quantization"]["mode"] != "none"
     data_pin = (f"`{data['id']}` at commit `{data['commit']}` (revision `{data['revision']}`)"
-                if data["source"] == "hub" else f"local file, sha256 `{data['sha256']}`")
-    metric_rows = [("train loss (mean)", round(metrics["train_loss"], 4)),
-                   ("first logged loss", round(metrics["first_loss"], 4)),
-                   ("last logged loss", round(metrics["last_loss"], 4)),
-                   ("eval loss", None if metrics.get("eval_loss") is None
-                    else round(metrics["eval_loss"], 4)),
+                if data["source"] == "hub" else f"local file `{Path(data['id']).name}`, "
+                f"sha256 `{data['sha256']}`")
+    metric_rows = [("train loss (mean)", _fmt(metrics["train_loss"])),
+                   ("first logged loss", _fmt(metrics["first_loss"])),
+                   ("last logged loss", _fmt(metrics["last_loss"])),
+                   ("eval loss", _fmt(metrics.get("eval_loss"))),
                    ("optimizer steps", metrics["steps"])]
     loss_rows = "\n".join(f"| {h['step']} | {h['loss']:.4f} |" for h in record["loss_history"])
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)
     hw = record["hardware"]
     hardware = ", ".join(hw["gpus"]) if hw["gpus"] else f"CPU ({hw['cpu']})"
+    run_link = (f"[{record['flow_run_id']}]({record['flow_run_url']})"
+                if record.get("flow_run_url") else f"`{record['flow_run_id']}`")
     body = f"""
 # {repo_id}
 
-A {'QLoRA' if quantized else 'LoRA'} adapter for [`{base['repo_id']}`]({base['repo_id']}),
-trained and published by loraflow from the profile
-below. Everything needed to reproduce the run is on this page and in `loraflow.json`.
+A {'QLoRA' if quantized else 'LoRA'} adapter for `{base['repo_id']}`, trained and
+published by loraflow. Everything needed to reproduce the run is on this page and in
+`{LINEAGE}`.
 
 ## How to load it
 
@@ -71,7 +96,8 @@ model = PeftModel.from_pretrained(base, "{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{base['repo_id']}", revision="{base['commit']}")
 ```
 
-or, with peft installed, in one line: `AutoModelForCausalLM.from_pretrained("{repo_id}")`.
+With peft installed, `AutoModelForCausalLM.from_pretrained("{repo_id}")` loads the base
+and the adapter in one call.
 
 ## Inputs
 
@@ -97,7 +123,7 @@ or, with peft installed, in one line: `AutoModelForCausalLM.from_pretrained("{re
 
 {_table(metric_rows)}
 
-### Training loss
+![Training loss by step]({LOSS_CURVE})
 
 | step | loss |
 |---|---|
@@ -107,14 +133,27 @@ or, with peft installed, in one line: `AutoModelForCausalLM.from_pretrained("{re
 
 - Hardware: {hardware}
 - Libraries: {versions}
-- Prefect flow run: `{record['flow_run_id']}`
+- Prefect flow run of the training: {run_link}
 - Training cache key: `{record['train_key']}`
 """
-    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+    return str(ModelCard(f"---\n{card_metadata(record, repo_id).to_yaml()}\n---\n{body}"))
+
+
+def lineage_manifest(record: dict) -> dict:
+    """loraflow.json: the profile (no secrets), input hashes, adapter sha256, run ids."""
+    return {"loraflow_lineage": 1, **{k: record.get(k) for k in LINEAGE_KEYS}}
+
+
+def publication_files(record: dict, repo_id: str) -> dict[str, bytes]:
+    """Card, lineage and loss curve as bytes, keyed by their path in the repo."""
+    points = [(h["step"], h["loss"]) for h in record["loss_history"]]
+    return {CARD: render_model_card(record, repo_id).encode(),
+            LINEAGE: (json.dumps(lineage_manifest(record), indent=1, sort_keys=True)
+                      + "\n").encode(),
+            LOSS_CURVE: loss_curve_png(points)}
 
 
 def write_publication_files(run_dir, record: dict, repo_id: str) -> None:
-    """The card (README.md) beside the run's record, rendered once when training ends."""
-    from pathlib import Path
-
-    (Path(run_dir) / "README.md").write_text(render_model_card(record, repo_id))
+    """Written once when training ends, so a later (re-)publish sends these bytes."""
+    for name, data in publication_files(record, repo_id).items():
+        (Path(run_dir) / name).write_bytes(data)

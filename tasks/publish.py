@@ -1,19 +1,24 @@
-"""publish_adapter: one atomic commit of the adapter, its card and its lineage, plus a tag.
+"""publish_adapter: one atomic commit of the adapter, its card, lineage and loss curve,
+plus a tag per version.
 
-- Atomic: adapter_config.json, adapter_model.safetensors, README.md and loraflow.json
-  land in one `create_commit`, made against the head it read (`parent_commit`), so two
-  runs publishing to one repo at once cannot both take the same version: the loser
-  re-reads and tries again.
+- Atomic: adapter_config.json, adapter_model.safetensors, README.md, loraflow.json and
+  loss_curve.png land in one `create_commit`, made against the head it read
+  (`parent_commit`), so two runs publishing to one repo at once cannot both land on the
+  same head: the loser re-reads and tries again.
+- Versions: the profile's tag, or the next free `vN`; a tag that already points at
+  other content is a typed error raised before anything is pushed.
 - Idempotent: when the head's loraflow.json already names this adapter's sha256, no
-  commit is made; the existing commit (and its tag) is reported.
+  commit is made; the existing commit and its tag are reported.
 - Private by default; an existing public repo is refused when private is asked.
-- The commit POST is never retried blindly (the server may have applied it); a failed
+- The commit POST is never retried blindly (the server may have applied it): a failed
   publish is a PublishError, and re-running is safe because training is cached and
   publishing is idempotent.
 """
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -23,11 +28,11 @@ from pydantic import BaseModel
 from profiles.schema import PublishSection
 from tasks import errors, settings
 from tasks.hub import hub_api, repo_url
-from tasks.modelcard import render_model_card
+from tasks.modelcard import LINEAGE, publication_files
 from tasks.train import ADAPTER_FILES, RECORD, TrainResult
 
-LINEAGE = "loraflow.json"
 MAX_ATTEMPTS = 3
+PUBLICATIONS = "publications.json"  # in the run dir: where this run was published
 
 
 class PublishResult(BaseModel):
@@ -38,22 +43,12 @@ class PublishResult(BaseModel):
     new_commit: bool
 
 
-def lineage_manifest(record: dict, version: int, tag: str) -> dict:
-    """loraflow.json: the profile (no secrets), input hashes, adapter sha256, run ids."""
-    keep = ("profile", "base_model", "dataset", "adapter", "metrics", "flow_run_id",
-            "train_key", "versions", "hardware")
-    return {"loraflow_version": 1, "publication": {"version": version, "tag": tag},
-            **{k: record[k] for k in keep}}
-
-
 def _head_lineage(api, repo_id: str, head: Optional[str]) -> Optional[dict]:
     """The loraflow.json at the head commit, or None (empty repo, not a loraflow repo)."""
     if head is None:
         return None
     from huggingface_hub import errors as hf
     from huggingface_hub import hf_hub_download
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -68,90 +63,135 @@ def _tag_targets(api, repo_id: str) -> dict[str, str]:
     return {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
 
 
-def _ensure_tag(api, repo_id: str, tag: str, commit: str) -> None:
-    """Tag `commit`; an existing tag on the same commit is fine, on another is an error."""
-    target = _tag_targets(api, repo_id).get(tag)
-    if target == commit:
-        return
-    if target is not None:
+def _next_version(tags: dict[str, str]) -> str:
+    numbers = [int(m.group(1)) for t in tags if (m := re.fullmatch(r"v(\d+)", t))]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def _refuse_taken_tag(tag: str, tags: dict[str, str], commit: Optional[str], repo_id: str):
+    if tag in tags and tags[tag] != commit:
         raise errors.PublishError(
-            f"publish.tag: tag '{tag}' already points at commit {target} of {repo_id}, which "
-            "holds a different adapter. Fix: choose a new publish.tag, or leave it null for "
-            "the next vN.", repo_id=repo_id)
-    api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"loraflow {tag}")
+            f"publish.tag: tag '{tag}' already points at commit {tags[tag]} of {repo_id}, "
+            "which holds a different adapter. Fix: choose a new publish.tag, or leave it null "
+            "for the next vN.", repo_id=repo_id)
 
 
-def _operations(train: TrainResult, card: str, lineage: dict):
-    from huggingface_hub import CommitOperationAdd
+def _tag(api, repo_id: str, commit: str, wanted: Optional[str]) -> str:
+    """Tag `commit`: the profile's tag, an existing tag on it, or the next free vN.
 
-    adapter_dir = Path(train.adapter_dir)
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(adapter_dir / name))
-           for name in ADAPTER_FILES]
-    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-    ops.append(CommitOperationAdd(path_in_repo=LINEAGE, path_or_fileobj=(
-        json.dumps(lineage, indent=1, sort_keys=True) + "\n").encode()))
-    return ops
-
-
-def _publish_once(api, train: TrainResult, publish: PublishSection, record: dict):
-    """One read-decide-commit round. Returns a PublishResult, or None if the head moved."""
+    An automatic vN that another publisher took in the meantime is re-numbered.
+    """
     from huggingface_hub import errors as hf
 
-    repo_id = publish.repo_id
-    head = api.model_info(repo_id).sha
-    current = _head_lineage(api, repo_id, head)
-    if current and current["adapter"]["sha256"] == train.adapter_sha256:
-        tag = current["publication"]["tag"]
-        _ensure_tag(api, repo_id, tag, head)  # a crash between commit and tag heals here
-        return PublishResult(repo_id=repo_id, commit=head, tag=tag, url=repo_url(repo_id),
-                             new_commit=False)
-    version = (current["publication"]["version"] + 1) if current else 1
-    tag = publish.tag or f"v{version}"
-    if tag in _tag_targets(api, repo_id):
+    for _ in range(MAX_ATTEMPTS):
+        tags = _tag_targets(api, repo_id)
+        if wanted:
+            _refuse_taken_tag(wanted, tags, commit, repo_id)
+        on_commit = sorted(t for t, c in tags.items() if c == commit)
+        tag = wanted or (on_commit[0] if on_commit else _next_version(tags))
+        if tags.get(tag) == commit:
+            return tag
+        try:
+            api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"loraflow {tag}")
+            return tag
+        except hf.HfHubHTTPError as exc:
+            if getattr(exc.response, "status_code", None) != 409:
+                raise
+    raise errors.PublishError(f"could not tag {repo_id}@{commit}: tags kept changing. Fix: "
+                              "re-run; publishing is idempotent.", repo_id=repo_id)
+
+
+def _operations(files: dict[str, object]):
+    from huggingface_hub import CommitOperationAdd
+
+    return [CommitOperationAdd(path_in_repo=name,
+                               path_or_fileobj=data if isinstance(data, bytes) else str(data))
+            for name, data in sorted(files.items())]
+
+
+def push_bundle(api, repo_id: str, files: dict[str, object], adapter_sha256: str,
+                wanted_tag: Optional[str], summary: str) -> PublishResult:
+    """Commit `files` (path in repo → bytes or local path) atomically, unless the head
+    already holds this adapter; then tag. `files` must include loraflow.json."""
+    from huggingface_hub import errors as hf
+
+    for _ in range(MAX_ATTEMPTS):
+        head = api.model_info(repo_id).sha
+        current = _head_lineage(api, repo_id, head)
+        if current and (current.get("adapter") or {}).get("sha256") == adapter_sha256:
+            tag = _tag(api, repo_id, head, wanted_tag)  # a crash before tagging heals here
+            return PublishResult(repo_id=repo_id, commit=head, tag=tag, url=repo_url(repo_id),
+                                 new_commit=False)
+        if wanted_tag:  # refuse before pushing anything
+            _refuse_taken_tag(wanted_tag, _tag_targets(api, repo_id), None, repo_id)
+        try:
+            info = api.create_commit(repo_id, operations=_operations(files), parent_commit=head,
+                                     commit_message=summary,
+                                     commit_description=f"adapter sha256 {adapter_sha256}")
+        except hf.HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            if status in (409, 412):  # another publisher moved the head: re-read, retry
+                continue
+            raise errors.PublishError(
+                f"the commit to {repo_id} failed (HTTP {status}); nothing was tagged. Fix: "
+                "re-run the same command — training is cached and publishing is idempotent, "
+                "so it lands exactly one commit.", repo_id=repo_id) from None
+        tag = _tag(api, repo_id, info.oid, wanted_tag)
+        return PublishResult(repo_id=repo_id, commit=info.oid, tag=tag, url=repo_url(repo_id),
+                             new_commit=True)
+    raise errors.PublishError(f"{repo_id} kept moving during {MAX_ATTEMPTS} attempts to "
+                              "publish. Fix: re-run when the other publishers are done.")
+
+
+def ensure_repo(api, repo_id: str, private: bool) -> None:
+    """Create the repo (private unless asked otherwise); refuse a public one if private."""
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if private and not api.model_info(repo_id).private:
         raise errors.PublishError(
-            f"publish.tag: tag '{tag}' already exists in {repo_id} on a different adapter. "
-            "Fix: choose a new publish.tag, or leave it null for the next vN.", repo_id=repo_id)
-    card = render_model_card(record, repo_id)
-    ops = _operations(train, card, lineage_manifest(record, version, tag))
-    try:
-        info = api.create_commit(repo_id, operations=ops, parent_commit=head,
-                                 commit_message=f"loraflow: publish {tag}",
-                                 commit_description=f"adapter sha256 {train.adapter_sha256}")
-    except hf.HfHubHTTPError as exc:
-        status = getattr(exc.response, "status_code", None)
-        if status in (409, 412):  # someone else committed first: re-read and retry
-            return None
-        raise errors.PublishError(
-            f"the commit to {repo_id} failed (HTTP {status}); nothing was tagged. Fix: re-run "
-            "the same command — training is cached and publishing is idempotent, so it lands "
-            "exactly one commit.", repo_id=repo_id) from None
-    _ensure_tag(api, repo_id, tag, info.oid)
-    return PublishResult(repo_id=repo_id, commit=info.oid, tag=tag, url=repo_url(repo_id),
-                         new_commit=True)
+            f"publish.private: {repo_id} already exists and is public; loraflow will not "
+            "publish a private adapter into it. Fix: set publish.private to false, or choose "
+            "another publish.repo_id.", repo_id=repo_id)
+
+
+def adapter_bundle(run_dir: Path, record: dict, repo_id: str) -> dict[str, object]:
+    """The files of one publication. The card written at training end is used as is
+    when it was rendered for this repo (same bytes on every re-publish)."""
+    files: dict[str, object] = {name: run_dir / "adapter" / name for name in ADAPTER_FILES}
+    rendered_for = record["profile"]["publish"]["repo_id"]
+    for name, data in publication_files(record, repo_id).items():
+        on_disk = run_dir / name
+        files[name] = on_disk if (on_disk.is_file() and rendered_for == repo_id) else data
+    return files
+
+
+def _remember(run_dir: Path, result: PublishResult) -> None:
+    """Append to the run's publications.json (what `loraflow runs` shows)."""
+    path = run_dir / PUBLICATIONS
+    seen = json.loads(path.read_text()) if path.is_file() else []
+    entry = {"repo_id": result.repo_id, "commit": result.commit, "tag": result.tag,
+             "endpoint": settings.hub_endpoint()}
+    if entry not in seen:
+        path.write_text(json.dumps(seen + [entry], indent=1))
 
 
 def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
-    """Create the repo if needed (private by default) and publish the run's adapter."""
+    """Publish a trained run's adapter to publish.repo_id. Raises PublishError."""
     api = hub_api()
-    record = json.loads((Path(train.run_dir) / RECORD).read_text())
+    run_dir = Path(train.run_dir)
+    record = json.loads((run_dir / RECORD).read_text())
     from huggingface_hub import errors as hf
 
     try:
-        api.create_repo(publish.repo_id, private=publish.private, exist_ok=True)
-        if publish.private and not api.model_info(publish.repo_id).private:
-            raise errors.PublishError(
-                f"publish.private: {publish.repo_id} already exists and is public; loraflow "
-                "will not publish a private adapter into it. Fix: set publish.private to "
-                "false, or choose another publish.repo_id.", repo_id=publish.repo_id)
-        for _ in range(MAX_ATTEMPTS):
-            result = _publish_once(api, train, publish, record)
-            if result is not None:
-                return result
+        ensure_repo(api, publish.repo_id, publish.private)
+        result = push_bundle(api, publish.repo_id, adapter_bundle(run_dir, record,
+                                                                  publish.repo_id),
+                             train.adapter_sha256, publish.tag,
+                             summary="loraflow: publish adapter")
     except hf.HfHubHTTPError as exc:
         raise errors.translate_hub_error(exc, repo_id=publish.repo_id,
                                          endpoint=settings.hub_endpoint()) from None
-    raise errors.PublishError(f"{publish.repo_id} kept moving during {MAX_ATTEMPTS} attempts "
-                              "to publish. Fix: re-run when other publishers are done.")
+    _remember(run_dir, result)
+    return result
 
 
 @task(name="publish")

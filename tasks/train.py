@@ -21,7 +21,7 @@ from tasks import errors, settings
 from tasks.caching import code_version, outputs_intact, sha256_file, stable_hash, write_manifest
 from tasks.dataset import DatasetManifest
 from tasks.download import SnapshotManifest
-from tasks.modelcard import write_publication_files
+from tasks.modelcard import CARD, LINEAGE, LOSS_CURVE, write_publication_files
 from tasks.preflight import PreflightReport
 from tasks.retry import TRANSIENT_RETRIES
 
@@ -56,7 +56,7 @@ def run_dir_for(key: str) -> Path:
 
 def _in_result(rel: str) -> bool:
     # The manifest covers what a cache hit hands on, not the (changing) checkpoints.
-    return rel.startswith("adapter/") or rel == RECORD
+    return rel.startswith("adapter/") or rel in (RECORD, CARD, LINEAGE, LOSS_CURVE)
 
 
 def _log_losses(log_history: list[dict]) -> tuple[list[dict], Optional[float]]:
@@ -90,6 +90,14 @@ def _library_versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _flow_run_url(flow_run_id: Optional[str]) -> Optional[str]:
+    """The run's page in the Prefect UI, when a server with a UI is configured."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui and flow_run_id else None
 
 
 def _hardware() -> dict:
@@ -210,7 +218,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
                "train_runtime_s": result.metrics.get("train_runtime")}
     adapter_sha = sha256_file(adapter_dir / "adapter_model.safetensors")
     record = {
-        "train_key": key, "flow_run_id": flow_run_id,
+        "train_key": key, "flow_run_id": flow_run_id, "flow_run_url": _flow_run_url(flow_run_id),
         "profile": profile.model_dump(mode="json"),
         "base_model": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
                        "license": preflight.base_model.license,

@@ -1,0 +1,52 @@
+"""The publish flow: publish a finished training run without training again.
+
+`loraflow publish RUN_DIR` runs it; it is also the flow a publish deployment runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from prefect import flow
+
+from profiles.schema import PublishSection
+from tasks import errors
+from tasks.caching import outputs_intact, sha256_file
+from tasks.publish import publish_adapter
+from tasks.train import RECORD, TrainResult
+
+
+def load_run(run_dir: str) -> TrainResult:
+    """A finished run directory → the TrainResult the flow would have passed on."""
+    path = Path(run_dir).expanduser().resolve()
+    if not (path / RECORD).is_file() or not outputs_intact(path):
+        raise errors.ProfileError(
+            f"RUN_DIR: {path} is not a finished loraflow run (no {RECORD}, or its files "
+            "changed). Fix: pass a directory listed by `loraflow runs`.")
+    record = json.loads((path / RECORD).read_text())
+    adapter = path / "adapter"
+    if sha256_file(adapter / "adapter_model.safetensors") != record["adapter"]["sha256"]:
+        raise errors.ProfileError(f"RUN_DIR: {adapter} no longer matches its record. Fix: "
+                                  "re-run the training.")
+    return TrainResult(run_dir=str(path), adapter_dir=str(adapter),
+                       adapter_sha256=record["adapter"]["sha256"],
+                       trainable_params=record["adapter"]["trainable_params"],
+                       total_params=record["adapter"]["total_params"],
+                       metrics=record["metrics"])
+
+
+def publish_section_for(run_dir: str, overrides: Optional[dict] = None) -> PublishSection:
+    """The run's own publish section, with overrides (e.g. another repo_id or tag)."""
+    record = json.loads((Path(run_dir).expanduser() / RECORD).read_text())
+    return PublishSection.model_validate({**record["profile"]["publish"], **(overrides or {})})
+
+
+@flow(name="loraflow-publish", log_prints=True)
+def publish_run(run_dir: str, publish: Optional[PublishSection] = None) -> dict:
+    """Publish the adapter of a finished run (by default where its profile said)."""
+    train = load_run(run_dir)
+    section = publish or publish_section_for(run_dir)
+    result = publish_adapter(train, section)
+    return {"run_dir": train.run_dir, "adapter_sha256": train.adapter_sha256,
+            **result.model_dump()}
