@@ -85,6 +85,46 @@ def _print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+TRAINING_LIMIT = "loraflow-training"  # a Prefect global concurrency limit, if one exists
+
+
+def train_steps(profile: Profile, step: StepRecorder, report: dict):
+    """preflight → download → dataset → train; returns (snapshot, trained).
+
+    Training holds a slot of the `loraflow-training` global concurrency limit when it
+    exists (the sweep creates it with one slot per GPU); without it, nothing waits.
+    """
+    from prefect.concurrency.sync import concurrency
+
+    pre = step("preflight", preflight, profile=profile)
+    report["base_model"]["commit"] = pre.base_model.commit
+    snapshot = step("download", cached(download_snapshot, download_key,
+                                       download_is_cached_and_intact(pre.base_model)),
+                    model=pre.base_model)
+    seed = profile.training.seed
+    data = step("dataset", cached(prepare_dataset, dataset_key, dataset_is_cached_and_intact(
+        profile.data, pre.dataset, snapshot, seed)),
+        data=profile.data, source=pre.dataset, snapshot=snapshot, seed=seed)
+    with concurrency(TRAINING_LIMIT, occupy=1):
+        trained = step("train", cached(train_adapter, train_key,
+                                       train_is_cached_and_intact(profile, snapshot, data)),
+                       profile=profile, preflight=pre, snapshot=snapshot, dataset=data,
+                       flow_run_id=str(flow_run.id))
+    report["adapter"] = {"path": trained.adapter_dir, "sha256": trained.adapter_sha256,
+                         "trainable_params": trained.trainable_params,
+                         "total_params": trained.total_params}
+    report["metrics"] = trained.metrics
+    return snapshot, trained
+
+
+def fail(report: dict, exc: BaseException) -> FlowFailed:
+    """Mark the report failed with the (typed) error; the exception to raise."""
+    report["status"] = "failed"
+    report["error"] = (exc.to_dict() if isinstance(exc, LoraflowError)
+                       else {"type": type(exc).__name__, "message": str(exc)})
+    return FlowFailed(exc, report)
+
+
 @flow(name="loraflow-finetune", log_prints=True)
 def finetune(profile: Profile, profile_name: str = "custom") -> dict:
     """Profile → trained LoRA adapter published on the Hub. Returns the run report.
@@ -98,23 +138,7 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
     report = _empty_report(profile, profile_name)
     step = StepRecorder(report, _print_progress)
     try:
-        pre = step("preflight", preflight, profile=profile)
-        report["base_model"]["commit"] = pre.base_model.commit
-        snapshot = step("download", cached(download_snapshot, download_key,
-                                           download_is_cached_and_intact(pre.base_model)),
-                        model=pre.base_model)
-        seed = profile.training.seed
-        data = step("dataset", cached(prepare_dataset, dataset_key, dataset_is_cached_and_intact(
-            profile.data, pre.dataset, snapshot, seed)),
-            data=profile.data, source=pre.dataset, snapshot=snapshot, seed=seed)
-        trained = step("train", cached(train_adapter, train_key,
-                                       train_is_cached_and_intact(profile, snapshot, data)),
-                       profile=profile, preflight=pre, snapshot=snapshot, dataset=data,
-                       flow_run_id=str(flow_run.id))
-        report["adapter"] = {"path": trained.adapter_dir, "sha256": trained.adapter_sha256,
-                             "trainable_params": trained.trainable_params,
-                             "total_params": trained.total_params}
-        report["metrics"] = trained.metrics
+        snapshot, trained = train_steps(profile, step, report)
         published = step("publish", publish_adapter, train=trained, publish=profile.publish)
         report["hub"] = {"endpoint": settings.hub_endpoint(), "repo_id": published.repo_id,
                          "commit": published.commit, "tag": published.tag,
@@ -127,9 +151,6 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
             report["hub"]["merged"] = merged.model_dump()
         publish_run_artifacts(report)
     except BaseException as exc:
-        report["status"] = "failed"
-        report["error"] = (exc.to_dict() if isinstance(exc, LoraflowError)
-                           else {"type": type(exc).__name__, "message": str(exc)})
-        raise FlowFailed(exc, report) from exc
+        raise fail(report, exc) from exc
     report["status"] = "completed"
     return report
