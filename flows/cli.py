@@ -17,6 +17,7 @@ from tasks.errors import LoraflowError, ProfileError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli_publish",
+    "flows.cli_sweep",
 )
 
 
