@@ -12,13 +12,24 @@ import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
+# A size as accelerate's max_memory takes it: 20GiB, 500MB, 1.5TB, 1024 (bytes).
+SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|[KMGT]i?B)?$", re.IGNORECASE)
+DEVICE_RE = re.compile(r"^(cpu|disk|cuda|cuda:\d+)$")
+
+
+def _is_device(value) -> bool:
+    """A device_map value: a GPU index, cuda / cuda:N, cpu or disk."""
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value >= 0) or (
+        isinstance(value, str) and bool(DEVICE_RE.match(value)))
 
 
 class _Section(BaseModel):
@@ -39,13 +50,74 @@ class ModelSection(_Section):
     dtype: Dtype = Field("auto", description="Weight dtype (from_pretrained's dtype). "
                          "auto: bfloat16 on a GPU that supports it, float32 on CPU.")
     device_map: Optional[Union[Literal["auto", "cpu", "cuda"], dict[str, Union[int, str]]]] = Field(
-        None, description="from_pretrained's device_map. null: the Trainer places the "
-        "model on the first accelerator, or the CPU.")
+        None, description="from_pretrained's device_map: auto (accelerate spreads the layers "
+        "over the visible GPUs, then CPU, then disk), cpu, cuda, {'': 1} (all on GPU 1), or "
+        "an explicit module map {module name: GPU index | cpu | disk}. null: the Trainer "
+        "places the model on the first accelerator, or the CPU.")
+    max_memory: Optional[dict[Union[int, str], Union[int, str]]] = Field(
+        None, description="from_pretrained's max_memory, with device_map auto: the most "
+        "each device may hold, e.g. {0: 70GiB, cpu: 200GiB} (keys: GPU index or cpu; values: "
+        "bytes or a size like 20GiB).")
+    offload_folder: Optional[str] = Field(
+        None, description="from_pretrained's offload_folder: where weights placed on 'disk' "
+        "by device_map are kept. Needed when device_map sends modules to disk.")
     attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2"] = Field(
-        "sdpa", description="from_pretrained's attn_implementation.")
+        "sdpa", description="from_pretrained's attn_implementation. flash_attention_2 needs "
+        "the flash-attn package, a CUDA GPU and float16/bfloat16; flex_attention needs "
+        "torch >= 2.5.")
+    low_cpu_mem_usage: bool = Field(
+        True, description="from_pretrained's low_cpu_mem_usage: load the weights without a "
+        "second full copy in RAM. transformers >= 5 always loads this way (the argument is "
+        "gone), so false is refused there.")
     trust_remote_code: bool = Field(
         False, description="from_pretrained's trust_remote_code. Only with a pinned "
         "40-hex model.revision, so the code that runs is the code you reviewed.")
+
+    @field_validator("device_map")
+    @classmethod
+    def _check_device_map(cls, value):
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("model.device_map: an empty module map places nothing. Fix: "
+                                 "use {'': 0} for one GPU, auto, or list modules.")
+            bad = {k: v for k, v in value.items() if not _is_device(v)}
+            if bad:
+                raise ValueError(f"model.device_map: {bad} are not devices. Fix: map each "
+                                 "module to a GPU index (0, 1, …), cuda:N, cpu or disk.")
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _check_max_memory(cls, value):
+        for key, size in (value or {}).items():
+            if not (str(key).isdigit() or key == "cpu"):
+                raise ValueError(f"model.max_memory: key '{key}' is not a device. Fix: use "
+                                 "GPU indices (0, 1, …) or cpu as keys.")
+            if not (isinstance(size, int) and size > 0) and not (
+                    isinstance(size, str) and SIZE_RE.match(size.strip())):
+                raise ValueError(f"model.max_memory: '{size}' for device {key} is not a size. "
+                                 "Fix: give bytes or a size such as 20GiB or 500MB.")
+        return value
+
+    @model_validator(mode="after")
+    def _placement_checks(self) -> "ModelSection":
+        if self.max_memory and self.device_map != "auto":
+            raise ValueError("model.max_memory: it only limits device_map auto (accelerate "
+                             f"ignores it for device_map {self.device_map!r}). Fix: set "
+                             "model.device_map to auto, or remove model.max_memory.")
+        sends_to_disk = isinstance(self.device_map, dict) and "disk" in self.device_map.values()
+        if sends_to_disk and not self.offload_folder:
+            raise ValueError("model.offload_folder: model.device_map sends modules to disk, "
+                             "which needs a folder for them. Fix: set model.offload_folder.")
+        if self.offload_folder and not (self.device_map == "auto"
+                                        or isinstance(self.device_map, dict)):
+            raise ValueError("model.offload_folder: only used when device_map can offload "
+                             "(auto or a module map). Fix: set model.device_map to auto, or "
+                             "remove model.offload_folder.")
+        if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
+            raise ValueError("model.attn_implementation: flash_attention_2 runs in float16 or "
+                             "bfloat16 only. Fix: set model.dtype to bfloat16, or use sdpa.")
+        return self
 
 
 class QuantizationSection(_Section):
@@ -54,9 +126,14 @@ class QuantizationSection(_Section):
     mode: Literal["none", "nf4", "fp4", "int8"] = Field(
         "none", description="none; nf4/fp4: BitsAndBytesConfig(load_in_4bit=True, "
         "bnb_4bit_quant_type=mode); int8: BitsAndBytesConfig(load_in_8bit=True).")
-    double_quant: bool = Field(True, description="bnb_4bit_use_double_quant (4-bit modes).")
+    double_quant: bool = Field(True, description="bnb_4bit_use_double_quant (4-bit modes): "
+                               "quantize the quantization constants too (≈0.4 bit/param saved).")
     compute_dtype: ComputeDtype = Field(
-        "bfloat16", description="bnb_4bit_compute_dtype (4-bit modes).")
+        "bfloat16", description="bnb_4bit_compute_dtype (4-bit modes): the dtype the "
+        "dequantized weights are multiplied in.")
+    quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
+        "uint8", description="bnb_4bit_quant_storage (4-bit modes): the dtype the packed "
+        "4-bit weights are stored as; bfloat16 lets FSDP shard them with bf16 weights.")
 
 
 class LoraSection(_Section):
@@ -160,7 +237,7 @@ class Profile(_Section):
         if self.training.eval_steps and self.data.eval_split == 0:
             raise ValueError("training.eval_steps: evaluation needs held-out data. Fix: set "
                              "data.eval_split above 0, or training.eval_steps to null.")
-        if self.quantization.mode != "none" and self.model.dtype == "float32" \
+        if self.quantization.mode in ("nf4", "fp4") and self.model.dtype == "float32" \
                 and self.quantization.compute_dtype != "float32":
             raise ValueError("quantization.compute_dtype: float32 weights with a "
                              f"{self.quantization.compute_dtype} compute dtype. Fix: set "

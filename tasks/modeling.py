@@ -10,7 +10,7 @@ from tasks import errors
 
 
 def torch_dtype(name: str):
-    """'auto' → bfloat16 on a GPU that supports it, float32 otherwise."""
+    """'auto' → bfloat16 on a GPU that supports it, float32 otherwise; 'uint8' etc. too."""
     import torch
 
     if name == "auto":
@@ -20,36 +20,87 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def quantization_config(quant: QuantizationSection):
-    """BitsAndBytesConfig for the profile's mode, or None."""
+def quantization_config(quant: QuantizationSection, model: ModelSection | None = None):
+    """BitsAndBytesConfig for the profile's mode, or None.
+
+    With a device_map that can place modules on the CPU or disk (auto, or a module map
+    naming cpu/disk), bitsandbytes must be told to keep those modules unquantized in
+    float32 (llm_int8_enable_fp32_cpu_offload); transformers refuses the load otherwise.
+    """
     if quant.mode == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    offload = model is not None and (model.device_map == "auto" or (
+        isinstance(model.device_map, dict)
+        and any(v in ("cpu", "disk") for v in model.device_map.values())))
     if quant.mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.mode,
                               bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype))
+                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+                              bnb_4bit_quant_storage=torch_dtype(quant.quant_storage),
+                              llm_int8_enable_fp32_cpu_offload=offload)
+
+
+def _max_memory(model: ModelSection) -> dict | None:
+    # YAML gives GPU keys as ints or digit strings; accelerate wants ints (and "cpu").
+    if not model.max_memory:
+        return None
+    return {int(k) if str(k).isdigit() else k: v for k, v in model.max_memory.items()}
+
+
+def load_kwargs(model: ModelSection, quant: QuantizationSection) -> dict:
+    """The from_pretrained keyword arguments for the profile: the one mapping.
+
+    Every loading field lands here, so what preflight validated is what transformers
+    receives. low_cpu_mem_usage is not passed: transformers >= 5 always loads that way
+    (preflight refuses false there).
+    """
+    kwargs = dict(dtype=torch_dtype(model.dtype), attn_implementation=model.attn_implementation,
+                  trust_remote_code=model.trust_remote_code, use_safetensors=True)
+    if model.device_map is not None:
+        kwargs["device_map"] = model.device_map
+    if model.max_memory:
+        kwargs["max_memory"] = _max_memory(model)
+    if model.offload_folder:
+        kwargs["offload_folder"] = model.offload_folder
+    qconfig = quantization_config(quant, model)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    return kwargs
+
+
+def keep_cpu_4bit_trainable(base) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, Linear4bit converts its weight to a packed layout the first
+    time it runs in eval mode without grad (an evaluation step); that layout has no
+    backward, and LoRA stops learning from then on. The conversion is gated on the
+    module's `support_avx512bf16_for_cpu` flag: turning it off keeps the trainable layout
+    (a slower CPU eval, the same numbers). Returns how many modules were changed.
+    """
+    changed = 0
+    for module in base.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: str):
     """from_pretrained over the downloaded snapshot, safetensors only."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=torch_dtype(model.dtype), attn_implementation=model.attn_implementation,
-                  trust_remote_code=model.trust_remote_code, use_safetensors=True)
-    if model.device_map is not None:
-        kwargs["device_map"] = model.device_map
-    qconfig = quantization_config(quant)
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
     try:
-        return AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(local_dir, **load_kwargs(model, quant))
     except ImportError as exc:
         raise errors.ProfileError(
             f"model.attn_implementation / quantization.mode: a library it needs is missing "
             f"({exc}). Fix: install it, or choose sdpa / mode none.") from None
+    if quant.mode in ("nf4", "fp4"):
+        keep_cpu_4bit_trainable(base)
+    return base
 
 
 def lora_config(lora: LoraSection):

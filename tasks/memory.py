@@ -1,0 +1,559 @@
+"""How much GPU memory a training run needs, estimated before any weight is read.
+
+Nothing here imports torch: preflight runs it in seconds on any machine.
+
+- Parameters come from the safetensors headers (ranged reads of the first bytes of each
+  shard: huggingface_hub's get_safetensors_metadata, or `read_safetensors_headers` for a
+  local directory): every tensor's name, dtype and shape, so quantizable linear weights,
+  embeddings and LoRA targets are counted exactly, not guessed from config.json.
+- The estimate is the peak of torch's allocator during a training step (what
+  torch.cuda.max_memory_allocated reports):
+      weights (dtype, or bitsandbytes 4-bit / 8-bit packing)
+    + adapter (fp32 weights + grads + AdamW's two states)
+    + activations saved for backward (per token per decoder layer, × batch × max_length)
+    + the loss (fp32 log-softmax over the vocabulary and its gradients)
+- The GPUs are read with nvidia-smi (NVML); without one, nothing is compared.
+
+The constants below were fixed before the estimate was measured on a GPU (see
+docs/benchmarks_gpu.md for where each comes from and the comparison).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from pydantic import BaseModel
+
+from profiles.schema import Profile
+from tasks import errors
+
+GiB = 1024 ** 3
+# ---------------------------------------------------------------------------- constants
+# Fixed before any GPU measurement of this estimate (docs/benchmarks_gpu.md).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+               "float32": 4, "float16": 2, "bfloat16": 2}
+BNB_BLOCK = 64            # bitsandbytes 4-bit blocksize: one absmax per 64 weights
+BNB_NESTED_BLOCK = 256    # double quant: absmax stored as uint8, one fp32 per 256 of them
+# fp32 adapter weight + fp32 grad + AdamW exp_avg + exp_avg_sq (peft keeps LoRA weights
+# in fp32 even on a 16-bit base: autocast_adapter_dtype).
+ADAPTER_BYTES_PER_PARAM = 16
+# ForCausalLMLoss upcasts logits to fp32; cross-entropy saves the fp32 log-softmax, and
+# the backward of it holds two more fp32 vocab-sized buffers at once: 3 × 4 bytes.
+LOSS_BYTES_PER_LOGIT = 12
+
+
+@dataclass(frozen=True)
+class ActivationCoefficients:
+    """Bytes saved for backward per token per decoder layer, as multiples of widths.
+
+    Measured on CPU with torch.autograd.graph.saved_tensors_hooks over random Llama
+    layers (hidden d, intermediate f, GQA kv = d/4, sdpa), one and three layers
+    differenced, for each LoRA target and dropout setting.
+    """
+    base_d: float        # × hidden size: norms (fp32 upcast), attention inputs/outputs
+    base_f: float        # × intermediate size: SwiGLU's saved gate / up / product
+    per_target: float    # × in_features of each targeted module (its own saved input)
+    shared_inputs: bool  # targets reading the same tensor (q/k/v; gate/up) save it once
+    dropout: float       # × in_features per targeted module when lora.dropout > 0
+    eager: float         # × heads × sequence length: eager attention's probabilities
+
+
+ACTIVATIONS = {
+    # 16-bit base under the Trainer's autocast: each LoRA module casts its input to a
+    # 16-bit copy of its own for lora_A (no sharing).
+    "mixed16": ActivationCoefficients(base_d=14.5, base_f=6.0, per_target=2.0,
+                                      shared_inputs=False, dropout=4.0, eager=6.0),
+    # fp32 activations: a float32 base, or a k-bit base after peft's
+    # prepare_model_for_kbit_training (it upcasts the unquantized weights, so the
+    # residual stream is fp32 and the Trainer runs without autocast).
+    "fp32": ActivationCoefficients(base_d=18.7, base_f=12.0, per_target=4.0,
+                                   shared_inputs=True, dropout=6.0, eager=5.0),
+}
+# Outside torch's allocator statistics: the CUDA context and library workspaces.
+CUDA_CONTEXT_BYTES = 1 * GiB
+# Fragmentation between torch's peak allocation and what it reserves from the GPU.
+HEADROOM = 0.08
+
+# Names of projections that read the output of another projection of the same block:
+# attention output (reads attention's saved output) and MLP down projections.
+ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
+MLP_OUT = {"down_proj", "fc2", "w2"}
+_BLOCK_RE = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+# ---------------------------------------------------------------------------- tensors
+TensorSpecs = dict[str, tuple[str, list[int]]]  # name → (safetensors dtype, shape)
+
+
+def read_safetensors_headers(directory: str | Path) -> TensorSpecs:
+    """Every tensor's dtype and shape from the headers of a local directory's shards."""
+    specs: TensorSpecs = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                specs[name] = (info["dtype"], list(info["shape"]))
+    return specs
+
+
+def tensor_specs_from_hub(api, repo_id: str, commit: str) -> TensorSpecs:
+    """The same from the Hub, reading only each shard's header (HTTP Range requests)."""
+    meta = api.get_safetensors_metadata(repo_id, revision=commit)
+    return {name: (t.dtype, list(t.shape))
+            for f in meta.files_metadata.values() for name, t in f.tensors.items()}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str            # module path, e.g. model.layers.3.self_attn.q_proj
+    in_features: int
+    out_features: int
+    in_block: bool       # inside the repeated decoder blocks
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def _block_prefix(tensors: TensorSpecs) -> Optional[str]:
+    """The prefix of the repeated decoder blocks (e.g. model.layers): the one with most
+    distinct indices."""
+    indices: dict[str, set] = {}
+    for name in tensors:
+        m = _BLOCK_RE.match(name)
+        if m:
+            indices.setdefault(m["prefix"], set()).add(m["index"])
+    return max(indices, key=lambda p: len(indices[p])) if indices else None
+
+
+def linear_modules(tensors: TensorSpecs) -> list[Linear]:
+    """2-D `.weight` tensors as (out, in) linear modules; embeddings are excluded."""
+    prefix = _block_prefix(tensors)
+    out = []
+    for name, (_, shape) in tensors.items():
+        if not name.endswith(".weight") or len(shape) != 2:
+            continue
+        module = name[: -len(".weight")]
+        if "embed" in module.rsplit(".", 1)[-1] or module.endswith("wte") \
+                or module.endswith("wpe"):
+            continue
+        in_block = prefix is not None and module.startswith(prefix + ".")
+        out.append(Linear(module, in_features=shape[1], out_features=shape[0],
+                          in_block=in_block))
+    return out
+
+
+def targeted(lora_targets, linears: list[Linear]) -> list[Linear]:
+    """The modules peft's LoraConfig(target_modules=...) would wrap.
+
+    all-linear: every linear layer except the output head (peft leaves lm_head out);
+    a list: modules whose name is an entry or ends with '.' + entry.
+    """
+    if lora_targets == "all-linear":
+        return [m for m in linears if m.in_block]
+    return [m for m in linears
+            if any(m.name == t or m.name.endswith("." + t) for t in lora_targets)]
+
+
+def check_target_modules(lora_targets, tensors: TensorSpecs) -> None:
+    """Refuse target module names that match nothing, listing the names that exist."""
+    if lora_targets == "all-linear":
+        return
+    linears = linear_modules(tensors)
+    unknown = [t for t in lora_targets
+               if not any(m.name == t or m.name.endswith("." + t) for m in linears)]
+    if unknown:
+        names = sorted({m.leaf for m in linears})
+        raise errors.ProfileError(
+            f"lora.target_modules: {unknown} match no linear module of this model. "
+            f"Fix: use 'all-linear' or names from: {', '.join(names)}.")
+
+
+# ---------------------------------------------------------------------------- estimate
+class MemoryEstimate(BaseModel):
+    """Peak memory of one training step, by part, in bytes."""
+    parameters: int
+    quantized_parameters: int
+    adapter_parameters: int
+    layers: int
+    tokens_per_step: int
+    activation_mode: str
+    loaded_weights_bytes: int      # right after from_pretrained (get_memory_footprint)
+    weights_bytes: int             # while training (after k-bit preparation)
+    adapter_bytes: int             # adapter weights, grads and AdamW states
+    activation_bytes: int
+    loss_bytes: int
+    peak_bytes: int
+
+    def describe(self) -> str:
+        g = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+        return (f"{g(self.peak_bytes)} (weights {g(self.weights_bytes)}, adapter+optimizer "
+                f"{g(self.adapter_bytes)}, activations {g(self.activation_bytes)}, loss "
+                f"{g(self.loss_bytes)}; {self.parameters / 1e9:.2f}B params, "
+                f"{self.tokens_per_step} tokens/step)")
+
+
+def resolved_dtype(profile: Profile, on_gpu: bool, bf16_ok: bool = True) -> str:
+    """model.dtype as tasks.modeling.torch_dtype resolves it."""
+    if profile.model.dtype != "auto":
+        return profile.model.dtype
+    return "bfloat16" if on_gpu and bf16_ok else "float32"
+
+
+def _quantized_bytes(mode: str, double_quant: bool, lin: Linear) -> float:
+    n = lin.in_features * lin.out_features
+    if mode == "int8":
+        return n + 4 * lin.out_features          # int8 weights + fp32 row scales (SCB)
+    absmax = (n / BNB_BLOCK + 4 * n / (BNB_BLOCK * BNB_NESTED_BLOCK)) if double_quant \
+        else 4 * n / BNB_BLOCK
+    return n / 2 + absmax                        # two 4-bit weights per byte + absmax
+
+
+def _activation_per_token_layer(coef: ActivationCoefficients, d: int, f: int,
+                                layer_targets: list[Linear], dropout: float,
+                                eager_heads_x_seq: int) -> float:
+    total = coef.base_d * d + coef.base_f * f + coef.eager * eager_heads_x_seq
+    seen_inputs: set = set()
+    for lin in layer_targets:
+        parent = lin.name.rsplit(".", 1)[0] if "." in lin.name else ""
+        if coef.shared_inputs:
+            if lin.leaf in ATTN_OUT:
+                pass  # reads attention's output, which attention already saved
+            elif lin.leaf in MLP_OUT:
+                total += coef.per_target * lin.in_features
+            elif (parent, lin.in_features) not in seen_inputs:
+                seen_inputs.add((parent, lin.in_features))
+                total += coef.per_target * lin.in_features
+        else:
+            total += coef.per_target * lin.in_features
+        if dropout > 0:
+            total += coef.dropout * lin.in_features
+    return total
+
+
+def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dict,
+                             on_gpu: bool = True, bf16_ok: bool = True) -> MemoryEstimate:
+    """Peak allocator bytes of a training step with the profile's settings.
+
+    Args:
+        profile: the run's profile (model, quantization, lora, data.max_length, training).
+        tensors: the base weights' names, dtypes and shapes (safetensors headers).
+        config: the base model's config.json.
+        on_gpu: whether training runs on a GPU (decides what dtype 'auto' means).
+        bf16_ok: whether that GPU supports bfloat16.
+    Returns:
+        A MemoryEstimate; peak_bytes is the number to compare with torch's
+        max_memory_allocated (add the CUDA context for what nvidia-smi shows).
+    """
+    q, lora, t = profile.quantization, profile.lora, profile.training
+    cfg = config.get("text_config", config)
+    dtype = resolved_dtype(profile, on_gpu, bf16_ok)
+    elem = DTYPE_BYTES[dtype]
+    linears = linear_modules(tensors)
+    quantizable = {m.name + ".weight": m for m in linears if m.in_block} \
+        if q.mode != "none" else {}
+
+    params = quantized_params = 0
+    loaded = training = 0.0
+    for name, (_, shape) in tensors.items():
+        n = 1
+        for s in shape:
+            n *= s
+        params += n
+        if name in quantizable:
+            quantized_params += n
+            b = _quantized_bytes(q.mode, q.double_quant, quantizable[name])
+            loaded += b
+            training += b
+        else:
+            loaded += n * elem
+            # prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32.
+            training += n * (4 if q.mode != "none" else elem)
+
+    targets = targeted(lora.target_modules, linears)
+    adapter_params = sum(lora.r * (m.in_features + m.out_features) for m in targets)
+
+    d = int(cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("n_embd"))
+    f = int(cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner")
+            or 4 * d)
+    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
+    vocab = int(cfg.get("vocab_size"))
+    prefix = _block_prefix(tensors)
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or len(
+        {_BLOCK_RE.match(n)["index"] for n in tensors
+         if _BLOCK_RE.match(n) and _BLOCK_RE.match(n)["prefix"] == prefix}))
+    mode = "fp32" if (q.mode != "none" or dtype == "float32") else "mixed16"
+    coef = ACTIVATIONS[mode]
+    seq = profile.data.max_length
+    tokens = t.per_device_batch_size * seq
+    first_layer = f"{prefix}.0." if prefix else ""
+    layer_targets = [m for m in targets if m.name.startswith(first_layer)] if prefix else []
+    eager = heads * seq if profile.model.attn_implementation == "eager" else 0
+    per_layer = _activation_per_token_layer(coef, d, f, layer_targets, lora.dropout, eager)
+    act_elem = 4 if mode == "fp32" else 2
+    if t.gradient_checkpointing:
+        # Each layer keeps its input; backward recomputes one layer at a time.
+        activations = tokens * (layers * act_elem * d + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    loss = tokens * vocab * LOSS_BYTES_PER_LOGIT
+    adapter = adapter_params * ADAPTER_BYTES_PER_PARAM
+    peak = training + adapter + activations + loss
+    return MemoryEstimate(
+        parameters=params, quantized_parameters=quantized_params,
+        adapter_parameters=adapter_params, layers=layers, tokens_per_step=tokens,
+        activation_mode=mode, loaded_weights_bytes=int(loaded), weights_bytes=int(training),
+        adapter_bytes=int(adapter), activation_bytes=int(activations), loss_bytes=int(loss),
+        peak_bytes=int(peak))
+
+
+# ---------------------------------------------------------------------------- devices
+class Gpu(BaseModel):
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    bf16: bool = True
+
+    @property
+    def usable_bytes(self) -> int:
+        return max(0, self.free_bytes - CUDA_CONTEXT_BYTES)
+
+
+_NVIDIA_SMI_QUERY = ["--query-gpu=index,uuid,name,memory.total,memory.free,compute_cap",
+                     "--format=csv,noheader,nounits"]
+
+
+def visible_gpus(run: Callable = subprocess.run, env: Optional[dict] = None) -> list[Gpu]:
+    """The GPUs this process can use, as NVML reports them through nvidia-smi.
+
+    Respects CUDA_VISIBLE_DEVICES (indices or GPU-UUIDs; empty or -1: none), renumbering
+    the visible ones from 0 as CUDA does. No nvidia-smi, or an error: no GPUs.
+    """
+    env = os.environ if env is None else env
+    if shutil.which("nvidia-smi") is None and run is subprocess.run:
+        return []
+    try:
+        proc = run(["nvidia-smi", *_NVIDIA_SMI_QUERY], capture_output=True, text=True,
+                   timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if proc.returncode != 0:
+        return []
+    rows = []
+    for line in proc.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 6:
+            continue
+        index, uuid, name, total, free, cap = parts[:6]
+        try:
+            major = float(cap)
+        except ValueError:
+            major = 8.0
+        rows.append((int(index), uuid, name, int(float(total)) * 2**20,
+                     int(float(free)) * 2**20, major >= 8.0))
+    wanted = env.get("CUDA_VISIBLE_DEVICES")
+    if wanted is not None:
+        order = [w.strip() for w in wanted.split(",") if w.strip()]
+        picked = []
+        for w in order:
+            if w == "-1":
+                break
+            match = [r for r in rows if str(r[0]) == w or r[1] == w or r[1].startswith(w)]
+            if not match:
+                break  # CUDA stops at the first invalid entry
+            picked.append(match[0])
+        rows = picked
+    return [Gpu(index=i, name=r[2], total_bytes=r[3], free_bytes=r[4], bf16=r[5])
+            for i, r in enumerate(rows)]
+
+
+def available_ram_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def parse_size(size) -> int:
+    """accelerate-style size (20GiB, 500MB, 1024) → bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(size)
+    power = " KMGT".index(m[2].upper() or " ")
+    return int(float(m[1]) * (1024 if m[3] else 1000) ** power)
+
+
+# ---------------------------------------------------------------------------- fit
+class MemoryReport(BaseModel):
+    """What preflight found: the estimate and, where there are GPUs, whether it fits."""
+    estimate: MemoryEstimate
+    placement: str                   # "cpu", "gpu:0", "auto over gpu:0,gpu:1 (+cpu)"
+    capacity_bytes: Optional[int] = None
+    fits: Optional[bool] = None      # None: nothing compared (training on CPU)
+    gpus: list[Gpu] = []
+
+
+class InsufficientMemoryError(errors.OutOfMemoryError):
+    """Preflight: the run cannot fit the visible GPU memory at these settings."""
+
+
+def _single_gpu_index(device_map) -> Optional[int]:
+    """The GPU a placement puts everything on, or None when it spreads or uses the CPU."""
+    if device_map is None or device_map == "cuda":
+        return 0
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        v = device_map[""]
+        if isinstance(v, int):
+            return v
+        if isinstance(v, str) and v.startswith("cuda"):
+            return int(v.split(":")[1]) if ":" in v else 0
+    return None
+
+
+def place(profile: Profile, estimate: MemoryEstimate, gpus: list[Gpu],
+          ram_bytes: Optional[int] = None) -> MemoryReport:
+    """Compare the estimate with the devices the profile's device_map would use."""
+    dm = profile.model.device_map
+    if not gpus or dm == "cpu" or (isinstance(dm, dict) and set(map(str, dm.values()))
+                                   <= {"cpu", "disk"}):
+        return MemoryReport(estimate=estimate, placement="cpu", gpus=gpus)
+    need = estimate.peak_bytes * (1 + HEADROOM)
+    single = _single_gpu_index(dm)
+    if single is not None:
+        if single >= len(gpus):
+            raise errors.ProfileError(
+                f"model.device_map: GPU {single} is not visible (this process sees "
+                f"{len(gpus)}). Fix: use an index below {len(gpus)}, or device_map auto.")
+        gpu = gpus[single]
+        return MemoryReport(estimate=estimate, placement=f"gpu:{single}",
+                            capacity_bytes=gpu.usable_bytes, fits=need <= gpu.usable_bytes,
+                            gpus=gpus)
+    # Spread (auto, or a module map): the weights go over the GPUs (within max_memory),
+    # then the CPU; everything else stays with the layers on a GPU.
+    limits = {str(k): parse_size(v) for k, v in (profile.model.max_memory or {}).items()}
+    named = None
+    if isinstance(dm, dict):
+        named = {int(v.split(":")[1]) if isinstance(v, str) and ":" in v else
+                 (0 if v == "cuda" else v) for v in dm.values() if v not in ("cpu", "disk")}
+    used = [g for g in gpus if named is None or g.index in named]
+    caps = [min(g.usable_bytes, limits.get(str(g.index), g.usable_bytes)) for g in used]
+    offload = dm == "auto" or (isinstance(dm, dict) and ("cpu" in dm.values()
+                                                         or "disk" in dm.values()))
+    cpu = 0
+    if offload:
+        ram = available_ram_bytes() if ram_bytes is None else ram_bytes
+        cpu = min(ram, limits["cpu"]) if "cpu" in limits else ram
+    if isinstance(dm, dict) and "disk" in dm.values():
+        cpu = max(cpu, 1 << 62)  # disk offload: weights have somewhere to go
+    rest = (estimate.peak_bytes - estimate.weights_bytes) * (1 + HEADROOM)
+    fits = bool(caps) and rest <= max(caps) and need <= sum(caps) + cpu
+    where = ",".join(f"gpu:{g.index}" for g in used) + (" (+cpu)" if cpu else "")
+    return MemoryReport(estimate=estimate, placement=f"spread over {where}",
+                        capacity_bytes=sum(caps) + min(cpu, 1 << 50), fits=fits, gpus=gpus)
+
+
+def _variant(profile: Profile, **sections) -> Profile:
+    update = {name: getattr(profile, name).model_copy(update=fields)
+              for name, fields in sections.items()}
+    return profile.model_copy(update=update)
+
+
+def suggestions(profile: Profile, tensors: TensorSpecs, config: dict, gpus: list[Gpu],
+                ram_bytes: Optional[int] = None) -> list[str]:
+    """Changes that would fit, each as the --set overrides to apply, with its estimate."""
+    t = profile.training
+    bf16_ok = all(g.bf16 for g in gpus)
+
+    def fits(p: Profile) -> Optional[MemoryReport]:
+        est = estimate_training_memory(p, tensors, config, on_gpu=True, bf16_ok=bf16_ok)
+        rep = place(p, est, gpus, ram_bytes)
+        return rep if rep.fits else None
+
+    # Preference order: keep the model as it is, then quantize, then spread it out; the
+    # first variant that fits in each family (same settings changed) is reported.
+    quant_options = [{}] + ([{"mode": "nf4"}] if profile.quantization.mode == "none" else [])
+    batches = []
+    bs = t.per_device_batch_size
+    while bs >= 1:
+        batches.append(bs)
+        bs //= 2
+    candidates: list[tuple[list[str], Profile]] = []
+    for quant in quant_options:
+        for ckpt in sorted({t.gradient_checkpointing, True}):
+            for bs in batches:
+                if not quant and ckpt == t.gradient_checkpointing \
+                        and bs == t.per_device_batch_size:
+                    continue  # that is the profile itself
+                accum = max(1, t.gradient_accumulation_steps * t.per_device_batch_size // bs)
+                sets = [f"quantization.mode={quant['mode']}"] if quant else []
+                if ckpt != t.gradient_checkpointing:
+                    sets.append("training.gradient_checkpointing=true")
+                if bs != t.per_device_batch_size:
+                    sets += [f"training.per_device_batch_size={bs}",
+                             f"training.gradient_accumulation_steps={accum}"]
+                training = {"gradient_checkpointing": ckpt, "per_device_batch_size": bs,
+                            "gradient_accumulation_steps": accum}
+                candidates.append((sets, _variant(profile, training=training,
+                                                  **({"quantization": quant} if quant
+                                                     else {}))))
+    if _single_gpu_index(profile.model.device_map) is not None and len(gpus) > 1:
+        candidates.append((["model.device_map=auto"],
+                           _variant(profile, model={"device_map": "auto"})))
+    out, families = [], set()
+    for sets, variant in candidates:
+        family = frozenset(s.split("=")[0] for s in sets)
+        lever = family & {"quantization.mode", "model.device_map"}
+        if lever:
+            family = frozenset(lever)  # the first (largest-batch) fit of that lever only
+        if family in families or (not lever and any(f < family for f in families)):
+            continue  # a simpler change already fits
+        rep = fits(variant)
+        if rep is not None:
+            families.add(family)
+            out.append(f"--set {' --set '.join(sets)} (estimated "
+                       f"{rep.estimate.peak_bytes / GiB:.1f} GiB)")
+    return out[:4]
+
+
+def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
+                gpus: Optional[list[Gpu]] = None, ram_bytes: Optional[int] = None
+                ) -> MemoryReport:
+    """Estimate, compare with the visible GPUs, and refuse a run that cannot fit.
+
+    Raises:
+        InsufficientMemoryError: naming the estimate, the capacity and the changes
+            (each as --set overrides) that would fit.
+    """
+    gpus = visible_gpus() if gpus is None else gpus
+    on_gpu = bool(gpus) and profile.model.device_map != "cpu"
+    estimate = estimate_training_memory(profile, tensors, config, on_gpu=on_gpu,
+                                        bf16_ok=all(g.bf16 for g in gpus) if gpus else True)
+    report = place(profile, estimate, gpus, ram_bytes)
+    if report.fits is False:
+        fixes = suggestions(profile, tensors, config, gpus, ram_bytes)
+        fix = ("Fix, any of: " + "; ".join(fixes)) if fixes else (
+            "Fix: none of gradient checkpointing, a smaller batch, nf4 or device_map auto "
+            "fits; use a GPU with more memory or a shorter data.max_length.")
+        raise InsufficientMemoryError(
+            f"training.per_device_batch_size / quantization.mode: this run needs about "
+            f"{estimate.describe()}, more than {report.placement} can hold "
+            f"({(report.capacity_bytes or 0) / GiB:.1f} GiB usable after "
+            f"{CUDA_CONTEXT_BYTES / GiB:.0f} GiB for the CUDA context and "
+            f"{HEADROOM:.0%} headroom). {fix}")
+    return report

@@ -1,0 +1,264 @@
+"""The preflight memory estimate: parameter counts from headers, bytes per setting, the
+fit against GPUs and the fixes it suggests; the presets against the real Llama configs.
+
+No torch here: the estimate must run where torch is not imported.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from profiles.loader import load_profile
+from tasks import memory
+from tasks.errors import OutOfMemoryError, ProfileError
+from tasks.memory import GiB, Gpu
+
+# config.json of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B (the fields the
+# estimate reads), as published on the Hub.
+LLAMA_3_2_1B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+    "tie_word_embeddings": True, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+}
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "tie_word_embeddings": False, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+}
+H100 = Gpu(index=0, name="NVIDIA H100 80GB HBM3", total_bytes=81559 * 2**20,
+           free_bytes=81000 * 2**20)
+
+
+def llama_tensors(c: dict, dtype: str = "BF16") -> memory.TensorSpecs:
+    """The safetensors header of a LlamaForCausalLM with config c (names and shapes as
+    transformers saves them; a tied lm_head is not stored)."""
+    d, f, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    hd = c.get("head_dim") or d // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    t = {"model.embed_tokens.weight": (dtype, [V, d]), "model.norm.weight": (dtype, [d])}
+    if not c["tie_word_embeddings"]:
+        t["lm_head.weight"] = (dtype, [V, d])
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, shape in [("self_attn.q_proj", [q, d]), ("self_attn.k_proj", [kv, d]),
+                            ("self_attn.v_proj", [kv, d]), ("self_attn.o_proj", [d, q]),
+                            ("mlp.gate_proj", [f, d]), ("mlp.up_proj", [f, d]),
+                            ("mlp.down_proj", [d, f])]:
+            t[p + name + ".weight"] = (dtype, shape)
+        t[p + "input_layernorm.weight"] = (dtype, [d])
+        t[p + "post_attention_layernorm.weight"] = (dtype, [d])
+    return t
+
+
+@pytest.mark.parametrize("preset, config, params", [
+    ("llama-3.2-1b-lora", LLAMA_3_2_1B, 1_235_814_400),
+    ("llama-3.1-8b-qlora", LLAMA_3_1_8B, 8_030_261_248),
+])
+def test_presets_fit_an_80gb_gpu_with_the_real_llama_configs(preset, config, params):
+    profile = load_profile(preset)
+    tensors = llama_tensors(config)
+    memory.check_target_modules(profile.lora.target_modules, tensors)
+    memory.check_target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                 "up_proj", "down_proj"], tensors)
+    report = memory.plan_memory(profile, tensors, config, gpus=[H100])
+    assert report.fits is True and report.placement == "gpu:0"
+    est = report.estimate
+    assert est.parameters == params
+    assert est.peak_bytes * (1 + memory.HEADROOM) + memory.CUDA_CONTEXT_BYTES < 80e9
+    # r=16 on every linear layer of every block: 11.3M (1B) / 42.0M (8B) adapter params.
+    assert est.adapter_parameters == {1_235_814_400: 11_272_192,
+                                      8_030_261_248: 41_943_040}[params]
+
+
+def test_8b_preset_is_quantized_and_the_1b_is_not():
+    est8 = memory.estimate_training_memory(load_profile("llama-3.1-8b-qlora"),
+                                           llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B)
+    # 32 blocks × 7 linear layers in 4 bits; embeddings and lm_head stay unquantized.
+    assert est8.quantized_parameters == 8_030_261_248 - 2 * 128256 * 4096 - 65 * 4096
+    assert 5.0 * GiB < est8.loaded_weights_bytes < 6.0 * GiB   # ≈3.5 GiB 4-bit + 2 GiB bf16
+    assert est8.weights_bytes > est8.loaded_weights_bytes       # k-bit prep: fp32 upcast
+    est1 = memory.estimate_training_memory(load_profile("llama-3.2-1b-lora"),
+                                           llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B)
+    assert est1.quantized_parameters == 0
+    assert est1.loaded_weights_bytes == 2 * 1_235_814_400
+
+
+@pytest.mark.parametrize("sets, bits_per_param", [
+    (["quantization.mode=nf4", "quantization.double_quant=false"], 4 + 32 / 64),
+    (["quantization.mode=nf4", "quantization.double_quant=true"], 4 + 8 / 64 + 32 / 64 / 256),
+    (["quantization.mode=fp4"], 4 + 8 / 64 + 32 / 64 / 256),
+    (["quantization.mode=int8"], 8),
+])
+def test_quantized_weight_bytes(sets, bits_per_param):
+    config = {**LLAMA_3_2_1B, "num_hidden_layers": 2}
+    tensors = llama_tensors(config)
+    profile = load_profile("llama-3.2-1b-lora", sets)
+    est = memory.estimate_training_memory(profile, tensors, config)
+    linear = est.quantized_parameters
+    others = est.parameters - linear
+    expected = linear * bits_per_param / 8 + others * 2
+    if "int8" in sets[0]:
+        expected += 4 * sum(s[0] for n, (_, s) in tensors.items()
+                            if len(s) == 2 and ".layers." in n)   # fp32 row scales
+    assert est.loaded_weights_bytes == pytest.approx(expected, rel=1e-6)
+
+
+def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
+    tensors, cfg = llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B
+    est = lambda *s: memory.estimate_training_memory(  # noqa: E731
+        load_profile("llama-3.2-1b-lora", list(s)), tensors, cfg)
+    a = est("training.per_device_batch_size=2")
+    b = est("training.per_device_batch_size=4")
+    assert b.activation_bytes == 2 * a.activation_bytes and b.loss_bytes == 2 * a.loss_bytes
+    c = est("training.per_device_batch_size=4", "training.gradient_checkpointing=true")
+    assert c.activation_bytes < b.activation_bytes / 5
+    no_dropout = est("lora.dropout=0")
+    assert no_dropout.activation_bytes < est().activation_bytes
+    eager = est("model.attn_implementation=eager")
+    assert eager.activation_bytes > est().activation_bytes
+    qv = est("lora.target_modules=[q_proj, v_proj]")
+    assert qv.adapter_parameters == 16 * 16 * ((2048 + 2048) + (2048 + 512))
+    assert qv.activation_bytes < est().activation_bytes
+
+
+def test_a_run_that_cannot_fit_fails_with_the_fixes_that_would():
+    small = Gpu(index=0, name="24GB card", total_bytes=24 * GiB, free_bytes=24 * GiB)
+    profile = load_profile("llama-3.1-8b-qlora", [
+        "quantization.mode=none", "training.per_device_batch_size=8",
+        "training.gradient_checkpointing=false"])
+    with pytest.raises(OutOfMemoryError) as err:
+        memory.plan_memory(profile, llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B, gpus=[small])
+    msg = str(err.value)
+    assert isinstance(err.value, memory.InsufficientMemoryError)
+    assert "training.per_device_batch_size" in msg and "GiB" in msg and "Fix" in msg
+    # bf16 8B weights alone are 15 GiB: only quantization gets it under 23 GiB.
+    assert "--set quantization.mode=nf4" in msg and "--set training.gradient_checkpointing=true" in msg
+
+
+def test_smaller_batch_is_suggested_with_the_same_effective_batch():
+    profile = load_profile("llama-3.2-1b-lora", ["training.per_device_batch_size=16",
+                                                 "training.gradient_accumulation_steps=1"])
+    gpu = Gpu(index=0, name="40GB", total_bytes=40 * GiB, free_bytes=40 * GiB)
+    with pytest.raises(memory.InsufficientMemoryError) as err:
+        memory.plan_memory(profile, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B, gpus=[gpu])
+    msg = str(err.value)
+    assert "--set training.gradient_checkpointing=true" not in msg.split("Fix")[0]
+    fixes = msg.split("Fix, any of: ")[1].split("; ")
+    batch = [f for f in fixes if f.startswith("--set training.per_device_batch_size=")]
+    assert batch, msg
+    bs = int(batch[0].split("per_device_batch_size=")[1].split()[0])
+    accum = int(batch[0].split("gradient_accumulation_steps=")[1].split()[0])
+    assert bs * accum == 16
+
+
+def test_device_map_auto_spreads_over_gpus_and_is_suggested():
+    gpus = [Gpu(index=i, name="16GB", total_bytes=16 * GiB, free_bytes=16 * GiB)
+            for i in range(2)]
+    profile = load_profile("llama-3.1-8b-qlora", [
+        "quantization.mode=none", "training.per_device_batch_size=1",
+        "data.max_length=512"])
+    tensors = llama_tensors(LLAMA_3_1_8B)
+    with pytest.raises(memory.InsufficientMemoryError) as err:
+        memory.plan_memory(profile, tensors, LLAMA_3_1_8B, gpus=gpus)
+    assert "--set model.device_map=auto" in str(err.value)
+    auto = load_profile("llama-3.1-8b-qlora", [
+        "quantization.mode=none", "training.per_device_batch_size=1",
+        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 15GiB, 1: 15GiB}"])
+    report = memory.plan_memory(auto, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
+    assert report.fits and report.placement == "spread over gpu:0,gpu:1"
+    # A max_memory below what the weights need refuses the same run.
+    tight = load_profile("llama-3.1-8b-qlora", [
+        "quantization.mode=none", "training.per_device_batch_size=1",
+        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 6GiB, 1: 6GiB}"])
+    with pytest.raises(memory.InsufficientMemoryError):
+        memory.plan_memory(tight, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
+
+
+def test_no_gpu_means_no_comparison_and_cpu_dtype():
+    report = memory.plan_memory(load_profile("quickstart"), llama_tensors(LLAMA_3_2_1B),
+                                LLAMA_3_2_1B, gpus=[])
+    assert report.fits is None and report.placement == "cpu"
+    auto = load_profile("quickstart", ["model.dtype=auto"])
+    assert memory.estimate_training_memory(auto, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B,
+                                           on_gpu=False).activation_mode == "fp32"
+
+
+def test_a_gpu_index_that_is_not_visible_is_a_profile_error():
+    profile = load_profile("llama-3.2-1b-lora", ["model.device_map={'': 3}"])
+    with pytest.raises(ProfileError) as err:
+        memory.plan_memory(profile, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B, gpus=[H100])
+    assert "model.device_map" in str(err.value) and "GPU 3" in str(err.value)
+
+
+def test_target_modules_that_match_nothing_list_the_real_names():
+    with pytest.raises(ProfileError) as err:
+        memory.check_target_modules(["q_proj", "query"], llama_tensors(LLAMA_3_2_1B))
+    msg = str(err.value)
+    assert "lora.target_modules" in msg and "['query']" in msg
+    assert "q_proj" in msg.split("names from:")[1] and "down_proj" in msg
+
+
+def test_headers_of_the_seeded_model_are_read(tmp_path):
+    from localhub import seed_data
+
+    (tmp_path / "model.safetensors").write_bytes(seed_data.model_files()["model.safetensors"])
+    specs = memory.read_safetensors_headers(tmp_path)
+    assert specs["model.layers.0.self_attn.q_proj.weight"] == ("F32", [64, 64])
+    assert specs["lm_head.weight"] == ("F32", [512, 64])
+    assert {m.leaf for m in memory.linear_modules(specs)} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "lm_head"}
+
+
+def test_memory_module_does_not_import_torch():
+    code = ("import sys, tasks.memory, tasks.preflight; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    import sys
+
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _fake_smi(stdout: str, rc: int = 0):
+    def run(cmd, **_):
+        assert cmd[0] == "nvidia-smi"
+        return subprocess.CompletedProcess(cmd, rc, stdout=stdout, stderr="")
+    return run
+
+
+SMI = ("0, GPU-aaaa, NVIDIA H100 80GB HBM3, 81559, 81000, 9.0\n"
+       "1, GPU-bbbb, Tesla T4, 15360, 15000, 7.5\n")
+
+
+def test_visible_gpus_parses_nvidia_smi_and_honours_cuda_visible_devices():
+    gpus = memory.visible_gpus(run=_fake_smi(SMI), env={})
+    assert [(g.index, g.name, g.bf16) for g in gpus] == [
+        (0, "NVIDIA H100 80GB HBM3", True), (1, "Tesla T4", False)]
+    assert gpus[0].free_bytes == 81000 * 2**20
+    only_t4 = memory.visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": "1"})
+    assert [(g.index, g.name) for g in only_t4] == [(0, "Tesla T4")]
+    by_uuid = memory.visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": "GPU-bbbb"})
+    assert [g.name for g in by_uuid] == ["Tesla T4"]
+    assert memory.visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert memory.visible_gpus(run=_fake_smi("", rc=9), env={}) == []
+
+
+def test_auto_dtype_follows_the_gpu():
+    profile = load_profile("llama-3.2-1b-lora", ["model.dtype=auto"])
+    t4 = Gpu(index=0, name="Tesla T4", total_bytes=15 * GiB, free_bytes=15 * GiB, bf16=False)
+    tensors = llama_tensors(LLAMA_3_2_1B)
+    est = memory.estimate_training_memory(profile, tensors, LLAMA_3_2_1B, on_gpu=True,
+                                          bf16_ok=t4.bf16)
+    assert est.loaded_weights_bytes == 4 * est.parameters
+    assert memory.resolved_dtype(profile, on_gpu=True) == "bfloat16"
+
+
+@pytest.mark.parametrize("size, expected", [("20GiB", 20 * GiB), ("500MB", 500_000_000),
+                                            ("1.5GB", 1_500_000_000), (1024, 1024),
+                                            ("2TiB", 2 * 1024 * GiB)])
+def test_parse_size(size, expected):
+    assert memory.parse_size(size) == expected
