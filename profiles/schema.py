@@ -210,6 +210,11 @@ class PublishSection(_Section):
                                    "license); null: inherited from the base model's card.")
     merged: bool = Field(False, description="Also push the base with the adapter merged in, "
                          "as 16-bit safetensors (merge_and_unload), to <repo_id>-merged.")
+    when: Literal["inline", "on_approval"] = Field(
+        "inline", description="inline: the run publishes the adapter right after training "
+        "and verifies the Hub copy. on_approval: it stops after training and a check of "
+        "the local adapter; publish it later with `loraflow publish RUN_DIR` or the "
+        "loraflow-publish deployment.")
 
 
 class Profile(_Section):
