@@ -18,6 +18,7 @@ from tasks.errors import LoraflowError, ProfileError
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli_publish",
     "flows.cli_sweep",
+    "flows.cli_cache",
 )
 
 

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from flows.artifacts import publish_run_artifacts
 from profiles.schema import Profile
 from tasks import settings
-from tasks.caching import content_cache_policy
+from tasks.caching import cache_options
 from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
 from tasks.download import download_is_cached_and_intact, download_key, download_snapshot
 from tasks.errors import LoraflowError
@@ -41,14 +41,12 @@ class FlowFailed(Exception):
         self.report = report
 
 
-def cached(task_obj, key_fn: Callable[..., str], intact: bool = True):
-    """The task with a content-keyed cache under LORAFLOW_HOME; a miss if outputs are gone."""
-    home = settings.loraflow_home()
-    return task_obj.with_options(
-        cache_policy=content_cache_policy(key_fn, home / "locks"),
-        persist_result=True,
-        result_storage=home / "results",  # a Path: local storage, no saved block needed
-        refresh_cache=not intact)
+def cached(task_obj, key_fn: Callable[..., str],
+           intact_fn: Callable[..., bool] | None = None):
+    """The task with a content-keyed cache (tasks/caching.py); with `intact_fn` (called
+    with the task's parameters, under the key's lock) a hit whose outputs are gone or
+    changed is a miss."""
+    return task_obj.with_options(**cache_options(key_fn, intact_fn))
 
 
 class StepRecorder:
@@ -99,15 +97,15 @@ def train_steps(profile: Profile, step: StepRecorder, report: dict):
     pre = step("preflight", preflight, profile=profile)
     report["base_model"]["commit"] = pre.base_model.commit
     snapshot = step("download", cached(download_snapshot, download_key,
-                                       download_is_cached_and_intact(pre.base_model)),
+                                       download_is_cached_and_intact),
                     model=pre.base_model)
     seed = profile.training.seed
-    data = step("dataset", cached(prepare_dataset, dataset_key, dataset_is_cached_and_intact(
-        profile.data, pre.dataset, snapshot, seed)),
+    data = step("dataset", cached(prepare_dataset, dataset_key,
+                                 dataset_is_cached_and_intact),
         data=profile.data, source=pre.dataset, snapshot=snapshot, seed=seed)
     with concurrency(TRAINING_LIMIT, occupy=1):
         trained = step("train", cached(train_adapter, train_key,
-                                       train_is_cached_and_intact(profile, snapshot, data)),
+                                       train_is_cached_and_intact),
                        profile=profile, preflight=pre, snapshot=snapshot, dataset=data,
                        flow_run_id=str(flow_run.id))
     report["adapter"] = {"path": trained.adapter_dir, "sha256": trained.adapter_sha256,

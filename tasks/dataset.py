@@ -3,10 +3,17 @@
 Formats: alpaca {instruction, input, output}; chat {messages} through the tokenizer's
 chat template (the last assistant turn is the completion); prompt-completion
 {prompt, completion}; text {text}. The result (train + optional eval split) is saved
-with `save_to_disk` under LORAFLOW_HOME/datasets/<key>/.
+with `save_to_disk` under LORAFLOW_HOME/datasets/<key>/, written aside and moved into
+place whole, so a run killed while tokenizing leaves nothing that looks finished.
+
+The key is content: the rows (Hub dataset commit, or a local file's sha256 — not its
+path), the tokenizer's files (chat template included), the data settings, the split
+seed and this step's code.
 """
 from __future__ import annotations
 
+import shutil
+import uuid
 from pathlib import Path
 
 from prefect import task
@@ -14,7 +21,7 @@ from pydantic import BaseModel
 
 from profiles.schema import DataSection
 from tasks import errors, settings
-from tasks.caching import code_version, outputs_intact, stable_hash, write_manifest
+from tasks.caching import cache_key, changed_files, code_inputs, read_manifest, write_manifest
 from tasks.download import SnapshotManifest
 from tasks.preflight import DatasetRef
 from tasks.retry import TRANSIENT_RETRIES
@@ -41,13 +48,21 @@ def _is_tokenizer_file(name: str) -> bool:
         or name.endswith(".model") or name.startswith("vocab.") or name == "merges.txt"
 
 
+def dataset_inputs(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
+                   seed: int) -> dict:
+    """What keys a prepared dataset. A local file counts by its bytes (sha256) and its
+    kind (suffix), not its path; a Hub dataset by repo and commit, not the moving
+    revision name."""
+    rows = ({"hub": source.id, "commit": source.commit} if source.source == "hub"
+            else {"file_sha256": source.sha256, "kind": Path(source.id).suffix})
+    return {"rows": rows, "tokenizer": snapshot.file_hashes(_is_tokenizer_file),
+            "data": data.model_dump(mode="json", exclude={"dataset", "revision"}),
+            "seed": seed, "code": code_inputs("tasks.dataset")}
+
+
 def dataset_key(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
                 seed: int, **_) -> str:
-    """Dataset content + the tokenizer's files (chat template included) + data config
-    + the split seed + this step's code."""
-    return stable_hash("dataset", source.source, source.id, source.content_id,
-                       snapshot.file_hashes(_is_tokenizer_file), data, seed,
-                       code_version("tasks.dataset"))
+    return cache_key("dataset", dataset_inputs(data, source, snapshot, seed))
 
 
 def dataset_dir(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
@@ -113,9 +128,18 @@ def load_rows(data: DataSection, source: DatasetRef):
                                          endpoint=settings.hub_endpoint()) from None
 
 
+def _result(out: Path, manifest: dict) -> DatasetManifest:
+    return DatasetManifest(path=str(out), key=out.name, num_train=manifest["num_train"],
+                           num_eval=manifest["num_eval"], train_tokens=manifest["train_tokens"])
+
+
 def run_prepare_dataset(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
                         seed: int) -> DatasetManifest:
     """Load, format, tokenize, split and save. Raises DatasetError on unusable rows."""
+    out = dataset_dir(data, source, snapshot, seed)
+    existing = read_manifest(out)
+    if existing is not None and changed_files(out, existing) == []:
+        return _result(out, existing)  # finished earlier, its cache record lost: adopt
     from transformers import AutoTokenizer
 
     rows = load_rows(data, source)
@@ -144,20 +168,28 @@ def run_prepare_dataset(data: DataSection, source: DatasetRef, snapshot: Snapsho
     split = None
     if data.eval_split > 0 and len(tokenized) >= 10:
         split = tokenized.train_test_split(test_size=data.eval_split, seed=seed)
-    out = dataset_dir(data, source, snapshot, seed)
     train = split["train"] if split else tokenized
-    train.save_to_disk(str(out / "train"))
+    # Written aside and moved into place whole: a killed run leaves only a `.partial`.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f"{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (we hold the lock)
+    tmp = out.parent / f"{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    train.save_to_disk(str(tmp / "train"))
     if split:
-        split["test"].save_to_disk(str(out / "eval"))
+        split["test"].save_to_disk(str(tmp / "eval"))
     train_tokens = sum(len(ids) for ids in train["input_ids"])
     info = {"num_train": len(train), "num_eval": len(split["test"]) if split else 0,
             "train_tokens": train_tokens}
-    write_manifest(out, info)
-    return DatasetManifest(path=str(out), key=out.name, **info)
+    manifest = write_manifest(tmp, {"step": "dataset", **info,
+                                    "inputs": dataset_inputs(data, source, snapshot, seed)})
+    if out.exists():
+        shutil.rmtree(out)  # damaged outputs of an earlier run
+    tmp.rename(out)
+    return _result(out, manifest)
 
 
-def dataset_is_cached_and_intact(data, source, snapshot, seed) -> bool:
-    return outputs_intact(dataset_dir(data, source, snapshot, seed))
+def dataset_is_cached_and_intact(data, source, snapshot, seed, **_) -> bool:
+    return changed_files(dataset_dir(data, source, snapshot, seed)) == []
 
 
 @task(name="dataset", **TRANSIENT_RETRIES)

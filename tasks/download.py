@@ -2,22 +2,31 @@
 
 Only safetensors weights, configs and tokenizer files (no pickle). Every file is
 checked against the Hub's listing (sha256 for LFS files, git blob sha1 for small ones)
-and the manifest records file → size/sha256, which keys the downstream caches.
+and the manifest records file → size/sha256/mtime, which keys the downstream caches.
+
+Never redo, never keep bad bytes: a re-run after an interrupted download keeps the
+files that completed and fetches the rest (huggingface_hub 2.x downloads each file to
+a process-unique temporary file, so a killed process leaves only orphan temporaries,
+removed here); a file whose bytes changed on disk since it was listed is removed and
+fetched again, and so is one that does not match the Hub's hash after the download.
 """
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 from prefect import task
 from pydantic import BaseModel
 
 from tasks import errors, settings
-from tasks.caching import code_version, outputs_intact, sha256_file, stable_hash, write_manifest
+from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
+                           write_manifest)
 from tasks.hub import hub_api
 from tasks.preflight import SNAPSHOT_PATTERNS, ModelRef
 from tasks.retry import TRANSIENT_RETRIES
+
+FILES = "files"
+HF_LOCAL_META = ".cache"  # huggingface_hub's local_dir bookkeeping (metadata, temp files)
 
 
 class SnapshotManifest(BaseModel):
@@ -31,10 +40,14 @@ class SnapshotManifest(BaseModel):
         return {n: m["sha256"] for n, m in sorted(self.files.items()) if predicate(n)}
 
 
+def download_inputs(model: ModelRef) -> dict:
+    """What keys a download: repo@commit, the file patterns, this step's code."""
+    return {"repo_id": model.repo_id, "commit": model.commit,
+            "patterns": list(SNAPSHOT_PATTERNS), "code": code_inputs("tasks.download")}
+
+
 def download_key(model: ModelRef, **_) -> str:
-    """repo@commit + the file patterns + this step's code."""
-    return stable_hash("download", model.repo_id, model.commit, SNAPSHOT_PATTERNS,
-                       code_version("tasks.download"))
+    return cache_key("download", download_inputs(model))
 
 
 def download_dir(model: ModelRef) -> Path:
@@ -44,56 +57,125 @@ def download_dir(model: ModelRef) -> Path:
 def _git_blob_sha1(path: Path) -> str:
     h = hashlib.sha1()
     h.update(f"blob {path.stat().st_size}\0".encode())
-    h.update(path.read_bytes())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
     return h.hexdigest()
 
 
-def _check_integrity(api, model: ModelRef, local_dir: Path) -> None:
-    """Compare each downloaded file with the Hub's tree listing at the commit."""
-    entries = {e.path: e for e in api.list_repo_tree(model.repo_id, revision=model.commit,
-                                                    recursive=True)
-               if getattr(e, "blob_id", None) is not None}
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(local_dir))
-        entry = entries.get(rel)
-        if entry is None:
+def _hub_listing(api, model: ModelRef) -> dict:
+    """path → tree entry (with .lfs.sha256 or .blob_id) at the pinned commit."""
+    return {e.path: e for e in api.list_repo_tree(model.repo_id, revision=model.commit,
+                                                  recursive=True)
+            if getattr(e, "blob_id", None) is not None}
+
+
+def _local_files(files_dir: Path) -> list[Path]:
+    if not files_dir.is_dir():
+        return []
+    return sorted(p for p in files_dir.rglob("*") if p.is_file()
+                  and p.relative_to(files_dir).parts[0] != HF_LOCAL_META)
+
+
+def _forget(files_dir: Path, rel: str) -> None:
+    """Remove a file and huggingface_hub's note that it was downloaded (else the
+    client would trust the local copy and not fetch it again)."""
+    (files_dir / rel).unlink(missing_ok=True)
+    (files_dir / HF_LOCAL_META / "huggingface" / "download" / f"{rel}.metadata").unlink(
+        missing_ok=True)
+
+
+def _drop_orphan_temporaries(files_dir: Path) -> None:
+    # Only one process downloads into this directory at a time (the step holds the
+    # key's lock), so any temporary file here was left by a process that died.
+    meta = files_dir / HF_LOCAL_META
+    if meta.is_dir():
+        for p in meta.rglob("*.incomplete"):
+            p.unlink(missing_ok=True)
+
+
+def _verify(files_dir: Path, listing: dict, trusted: dict[str, str]) -> tuple[dict, list]:
+    """sha256 of every local file (trusted ones not re-read) and those that do not match
+    the Hub's listing (or are not in it: stray files would change the downstream keys)."""
+    hashes, bad = {}, []
+    for path in _local_files(files_dir):
+        rel = path.relative_to(files_dir).as_posix()
+        digest = trusted.get(rel) or sha256_file(path)
+        hashes[rel] = digest
+        entry = listing.get(rel)
+        if rel in trusted and entry is not None:
             continue
-        if entry.lfs is not None:
-            ok = sha256_file(path) == entry.lfs.sha256
-        else:
-            ok = _git_blob_sha1(path) == entry.blob_id
+        ok = entry is not None and (digest == entry.lfs.sha256 if entry.lfs is not None
+                                    else _git_blob_sha1(path) == entry.blob_id)
         if not ok:
-            path.unlink()
-            raise errors.DownloadIntegrityError(
-                f"{model.repo_id}@{model.commit}: {rel} does not match the Hub's hash; "
-                "the corrupt file was removed and a retry downloads it again.")
+            bad.append(rel)
+    return hashes, bad
+
+
+def _result(target: Path, manifest: dict, model: ModelRef) -> SnapshotManifest:
+    prefix = f"{FILES}/"
+    files = {k.removeprefix(prefix): {"size": v["size"], "sha256": v["sha256"]}
+             for k, v in manifest["files"].items() if k.startswith(prefix)}
+    return SnapshotManifest(repo_id=model.repo_id, commit=model.commit,
+                            local_dir=str(target / FILES), files=files)
 
 
 def run_download(model: ModelRef) -> SnapshotManifest:
-    """snapshot_download pinned to the commit, into LORAFLOW_HOME/downloads/<key>/."""
-    api = hub_api()
+    """snapshot_download pinned to the commit, into LORAFLOW_HOME/downloads/<key>/files."""
     target = download_dir(model)
-    files_dir = target / "files"
+    files_dir = target / FILES
+    old = read_manifest(target)
+    changed = changed_files(target, old) if old is not None else None
+    if changed == []:
+        # Complete and unchanged (the cache record was lost, e.g. another result
+        # storage): adopt it instead of downloading again.
+        return _result(target, old, model)
+    # What an earlier attempt left and is still as it recorded: not re-read.
+    trusted = {k.removeprefix(f"{FILES}/"): v["sha256"] for k, v in (old or {"files": {}})
+               ["files"].items() if k not in (changed or [])}
+    api = hub_api()
     from huggingface_hub import errors as hf
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(model.repo_id, revision=model.commit, allow_patterns=SNAPSHOT_PATTERNS,
-                          local_dir=files_dir, endpoint=api.endpoint, token=api.token)
-        _check_integrity(api, model, files_dir)
+        listing = _hub_listing(api, model)
+        for rel in changed or []:
+            _forget(files_dir, rel.removeprefix(f"{FILES}/"))
+        _drop_orphan_temporaries(files_dir)
+        # Files present without a manifest entry (an interrupted first download, or
+        # an older layout): checked against the Hub before they are kept.
+        hashes, bad = _verify(files_dir, listing, trusted)
+        for rel in bad:
+            _forget(files_dir, rel)
+        trusted.update((rel, h) for rel, h in hashes.items() if rel not in bad)
+        for attempt in (1, 2):
+            snapshot_download(model.repo_id, revision=model.commit,
+                              allow_patterns=SNAPSHOT_PATTERNS, local_dir=files_dir,
+                              endpoint=api.endpoint, token=api.token)
+            hashes, bad = _verify(files_dir, listing, trusted)
+            if not bad:
+                break
+            for rel in bad:  # corrupted in transit: fetch once more, then give up
+                _forget(files_dir, rel)
+                trusted.pop(rel, None)
+        else:
+            raise errors.DownloadIntegrityError(
+                f"{model.repo_id}@{model.commit}: {', '.join(bad)} did not match the Hub's "
+                "hash twice; the corrupt files were removed and a retry downloads them again.")
     except (hf.HfHubHTTPError, OSError) as exc:
         raise errors.translate_hub_error(exc, repo_id=model.repo_id, revision=model.commit,
                                          endpoint=settings.hub_endpoint()) from None
-    # local_dir downloads keep resume metadata under .cache/: not part of the snapshot.
-    shutil.rmtree(files_dir / ".cache", ignore_errors=True)
-    manifest = write_manifest(target, {"repo_id": model.repo_id, "commit": model.commit})
-    files = {k.removeprefix("files/"): v for k, v in manifest["files"].items()}
-    return SnapshotManifest(repo_id=model.repo_id, commit=model.commit,
-                            local_dir=str(files_dir), files=files)
+    manifest = write_manifest(
+        target, {"step": "download", "repo_id": model.repo_id, "commit": model.commit,
+                 "inputs": download_inputs(model)},
+        include=lambda rel: rel.startswith(f"{FILES}/")
+        and not rel.startswith(f"{FILES}/{HF_LOCAL_META}/"),
+        known={f"{FILES}/{k}": v for k, v in hashes.items()})
+    return _result(target, manifest, model)
 
 
-def download_is_cached_and_intact(model: ModelRef) -> bool:
-    return outputs_intact(download_dir(model))
+def download_is_cached_and_intact(model: ModelRef, **_) -> bool:
+    return changed_files(download_dir(model)) == []
 
 
 @task(name="download", **TRANSIENT_RETRIES)

@@ -72,6 +72,11 @@ class TrainingError(LoraflowError):
     """Training could not run (e.g. target modules match nothing, no learning)."""
 
 
+class TrainingInterrupted(LoraflowError):
+    """Training stopped on SIGTERM/SIGINT (e.g. a cancel from the Prefect UI) after saving a
+    checkpoint. Not retried in-process (the stop was asked for); a re-run resumes."""
+
+
 class OutOfMemoryError(LoraflowError):
     """Out of memory at the profile's settings; retrying the same settings won't help."""
 

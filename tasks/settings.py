@@ -43,3 +43,32 @@ def prepare_client_environment() -> None:
     # Telemetry calls would only time out on machines without internet.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def result_storage():
+    """Where Prefect keeps the cached steps' result records (LORAFLOW_RESULT_STORAGE).
+
+    Unset: LORAFLOW_HOME/results. A path: that directory (e.g. on a shared mount). A
+    block slug `<block-type>/<name>` (e.g. `local-file-system/loraflow-results`, or a
+    remote file system block): that saved Prefect block, for several machines.
+    """
+    value = os.environ.get("LORAFLOW_RESULT_STORAGE", "").strip()
+    if not value:
+        return loraflow_home() / "results"
+    is_slug = (not value.startswith(("/", ".", "~")) and value.count("/") == 1
+               and all(value.split("/")))
+    return value if is_slug else Path(value).expanduser().resolve()
+
+
+def lock_lease_seconds() -> float:
+    """How long a lock held from another host survives without a heartbeat
+    (LORAFLOW_LOCK_LEASE_S, default 120): after that its holder is presumed dead."""
+    raw = os.environ.get("LORAFLOW_LOCK_LEASE_S", "").strip()
+    try:
+        value = float(raw) if raw else 120.0
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(f"LORAFLOW_LOCK_LEASE_S={raw!r}: expected a positive number of "
+                         "seconds, e.g. 120.")
+    return value

@@ -5,11 +5,24 @@ cross a task boundary. Everything lands in a run directory keyed by the training
 cache key (LORAFLOW_HOME/runs/<key>/): checkpoints, the adapter, the initial adapter
 weights (to prove every tensor moved), metrics and the lineage record. A re-run after
 a crash finds the checkpoints there and resumes.
+
+Never lose work: a checkpoint every `training.save_steps`; a retry, or a re-run after
+the process was killed, resumes from the last complete checkpoint (weights, optimizer,
+scheduler, RNG and data position, through Trainer's resume_from_checkpoint; a
+checkpoint cut short by the kill is skipped). SIGTERM — a cancel from the Prefect UI,
+a pod eviction — or Ctrl-C finishes the current step, saves a checkpoint and raises
+TrainingInterrupted; a second signal acts at once. Each attempt appends what it did to
+`train_log.jsonl` in the run directory (start, steps, checkpoints, stop).
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +31,8 @@ from pydantic import BaseModel
 
 from profiles.schema import Profile
 from tasks import errors, settings
-from tasks.caching import code_version, outputs_intact, sha256_file, stable_hash, write_manifest
+from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
+                           write_manifest)
 from tasks.dataset import DatasetManifest
 from tasks.download import SnapshotManifest
 from tasks.modelcard import CARD, LINEAGE, LOSS_CURVE, write_publication_files
@@ -27,6 +41,11 @@ from tasks.retry import TRANSIENT_RETRIES
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RECORD = "record.json"
+STEP_LOG = "train_log.jsonl"
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+# Checkpointing knobs: they change when state is saved, not what is learned (a resumed
+# run matches an uninterrupted one), so changing them must not retrain.
+NOT_IN_KEY = {"save_steps", "save_total_limit"}
 
 
 class TrainResult(BaseModel):
@@ -39,15 +58,24 @@ class TrainResult(BaseModel):
     metrics: dict
 
 
+def train_inputs(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetManifest) -> dict:
+    """What keys a training: base repo@commit and every file's sha256, the prepared
+    dataset's key, the model/quantization/lora/training settings and this step's code.
+    Left out on purpose: the publish section (where an adapter goes must not retrain
+    it), model.revision (the commit says it without moving), checkpoint cadence."""
+    return {"base": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
+                     "files": snapshot.file_hashes()},
+            "dataset": dataset.key,
+            "model": profile.model.model_dump(mode="json", exclude={"revision"}),
+            "quantization": profile.quantization.model_dump(mode="json"),
+            "lora": profile.lora.model_dump(mode="json"),
+            "training": profile.training.model_dump(mode="json", exclude=NOT_IN_KEY),
+            "code": code_inputs("tasks.train")}
+
+
 def train_key(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetManifest,
               **_) -> str:
-    """Base weights/config/tokenizer hashes + prepared dataset key + every setting that
-    changes the adapter + this step's code. The publish section is left out on purpose:
-    changing where an adapter goes must not retrain it."""
-    return stable_hash("train", snapshot.repo_id, snapshot.commit, snapshot.file_hashes(),
-                       dataset.key, profile.model, profile.quantization, profile.lora,
-                       profile.training,
-                       code_version("tasks.train", "tasks.modeling", "tasks.caching"))
+    return cache_key("train", train_inputs(profile, snapshot, dataset))
 
 
 def run_dir_for(key: str) -> Path:
@@ -155,25 +183,157 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
                    data_collator=collator), eval_ds
 
 
-def _last_checkpoint(out: Path) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoint_complete(path: Path, step: int) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint is complete when it parses
+    and names this step, and the weights, optimizer and scheduler are there."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    has_weights = any((path / n).is_file() for n in ("adapter_model.safetensors",
+                                                     "model.safetensors"))
+    return (state.get("global_step") == step and has_weights
+            and all((path / n).is_file() for n in CHECKPOINT_FILES))
 
+
+def _last_checkpoint(out: Path, prune: bool = True) -> Optional[str]:
+    """The newest complete checkpoint; newer ones cut short by a kill are removed with
+    `prune` (the run saves under those names again)."""
     ckpt_dir = out / "checkpoints"
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for p in ckpt_dir.iterdir():
+        name, _, step = p.name.partition("-")
+        if p.is_dir() and name == "checkpoint" and step.isdigit():
+            found.append((int(step), p))
+    for step, path in sorted(found, reverse=True):
+        if _checkpoint_complete(path, step):
+            return str(path)
+        if prune:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+class _StepLog:
+    """Appends one JSON line per event of this attempt to the run's train_log.jsonl."""
+
+    def __init__(self, path: Path, resume_from: int):
+        self.path, self.attempt = path, uuid.uuid4().hex[:12]
+        self.file = open(path, "a", buffering=1)
+        self.write("start", resume_from, resume_from=resume_from)
+
+    def write(self, event: str, step: int, **extra) -> None:
+        self.file.write(json.dumps({"event": event, "step": step, "attempt": self.attempt,
+                                    "pid": os.getpid(), "time": round(time.time(), 3),
+                                    **extra}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_step_log(run_dir: Path) -> list[dict]:
+    """The events of every attempt, oldest first (see _StepLog)."""
+    path = Path(run_dir) / STEP_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class _StopRequest:
+    signum: Optional[int] = None
+
+
+@contextmanager
+def _stop_on_signals(stop: _StopRequest):
+    """While training: SIGTERM or SIGINT asks for a checkpoint and a stop at the end of
+    the current step (see _training_callback). The previous handlers — Prefect's
+    SIGTERM bridge, Python's KeyboardInterrupt — come back at once, so a second signal
+    acts as it would have without us. Signals can only be caught on the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        stop.signum = signum
+        signal.signal(signum, previous.get(signum) or signal.SIG_DFL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _training_callback(stop: _StopRequest, steps: _StepLog):
+    from transformers import TrainerCallback
+
+    class SaveAndStop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.write("step", state.global_step)
+            if stop.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                steps.write("loss", state.global_step, loss=logs["loss"])
+
+        def on_save(self, args, state, control, **kwargs):
+            steps.write("checkpoint", state.global_step)
+
+    return SaveAndStop()
+
+
+def _adopt(out: Path) -> Optional[TrainResult]:
+    """The result of a finished, unchanged run directory (its cache record was lost,
+    e.g. another result storage), without importing torch."""
+    manifest = read_manifest(out)
+    if manifest is None or changed_files(out, manifest) != []:
+        return None
+    try:
+        record = json.loads((out / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    adapter = record["adapter"]
+    return TrainResult(run_dir=str(out), adapter_dir=str(out / "adapter"),
+                       adapter_sha256=adapter["sha256"],
+                       trainable_params=adapter["trainable_params"],
+                       total_params=adapter["total_params"], metrics=record["metrics"])
 
 
 def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotManifest,
               dataset: DatasetManifest, flow_run_id: Optional[str] = None) -> TrainResult:
-    """Train the adapter into LORAFLOW_HOME/runs/<key>/, resuming from a checkpoint."""
+    """Train the adapter into LORAFLOW_HOME/runs/<key>/, resuming from a checkpoint.
+
+    Raises:
+        TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
+        OutOfMemoryError, TrainingError: as named.
+    """
+    key = train_key(profile, snapshot, dataset)
+    out = run_dir_for(key)
+    adopted = _adopt(out)
+    if adopted is not None:
+        return adopted
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, set_seed
 
     from tasks.modeling import inject_adapter, load_base_model
 
-    key = train_key(profile, snapshot, dataset)
-    out = run_dir_for(key)
     out.mkdir(parents=True, exist_ok=True)
+    # What keyed this run, readable while it is partial (`loraflow cache ls`).
+    (out / "inputs.json").write_text(json.dumps(train_inputs(profile, snapshot, dataset),
+                                                indent=1, sort_keys=True))
     set_seed(profile.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
     if tokenizer.pad_token is None:
@@ -191,13 +351,29 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
 
     trainer, eval_ds = build_trainer(profile, model, tokenizer, dataset, out)
     resume = _last_checkpoint(out)
+    stop = _StopRequest()
+    steps = _StepLog(out / STEP_LOG, int(Path(resume).name.split("-")[1]) if resume else 0)
+    trainer.add_callback(_training_callback(stop, steps))
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        with _stop_on_signals(stop):
+            result = trainer.train(resume_from_checkpoint=resume)
+        if stop.signum is not None:
+            import signal
+
+            name = signal.Signals(stop.signum).name
+            steps.write("interrupted", trainer.state.global_step, signal=name)
+            raise errors.TrainingInterrupted(
+                f"training stopped by {name} at step {trainer.state.global_step} of "
+                f"{trainer.state.max_steps}; a checkpoint was saved in {out / 'checkpoints'}. "
+                "Fix: run the same profile again: it resumes from that step.")
+        steps.write("end", trainer.state.global_step)
     except torch.OutOfMemoryError:
         raise errors.OutOfMemoryError(
             "out of memory while training. Fix: lower training.per_device_batch_size, "
             "turn on training.gradient_checkpointing, or quantize (quantization.mode nf4)."
         ) from None
+    finally:
+        steps.close()
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
     unchanged = _unchanged_tensors(model, initial)
@@ -233,13 +409,14 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
     # The card and lineage are written now, so a later (re-)publish sends these bytes.
     write_publication_files(out, record, profile.publish.repo_id)
-    write_manifest(out, include=_in_result)
+    write_manifest(out, {"step": "train", "inputs": train_inputs(profile, snapshot, dataset)},
+                   include=_in_result)
     return TrainResult(run_dir=str(out), adapter_dir=str(adapter_dir), adapter_sha256=adapter_sha,
                        trainable_params=trainable, total_params=total, metrics=metrics)
 
 
-def train_is_cached_and_intact(profile, snapshot, dataset) -> bool:
-    return outputs_intact(run_dir_for(train_key(profile, snapshot, dataset)))
+def train_is_cached_and_intact(profile, snapshot, dataset, **_) -> bool:
+    return changed_files(run_dir_for(train_key(profile, snapshot, dataset))) == []
 
 
 @task(name="train", **TRANSIENT_RETRIES)

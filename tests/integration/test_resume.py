@@ -1,0 +1,182 @@
+"""Never lose work: a run killed (SIGKILL) or cancelled (SIGTERM) during training resumes
+from its last checkpoint, executes only the steps after it, and ends with the adapter
+an uninterrupted run makes; a corrupted cached shard is fetched again.
+
+The interrupted runs are `python -m flows.cli run quickstart --json` processes; the
+re-runs and the uninterrupted reference run in this process, each with its own
+LORAFLOW_HOME.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import run_profile
+from profiles.loader import load_profile
+from tasks.train import read_step_log
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS, SAVE_STEPS = 40, 10
+OVERRIDES = [f"training.max_steps={MAX_STEPS}", f"training.save_steps={SAVE_STEPS}",
+             "training.save_total_limit=3", "publish.repo_id=loraflow-demo/resume-test"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    home = tmp_path / "loraflow"
+    monkeypatch.setenv("LORAFLOW_HOME", str(home))
+    return home
+
+
+def _run_here(as_user, overrides=OVERRIDES):
+    with as_user("demo"):
+        return run_profile("quickstart", load_profile("quickstart", list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def reference(hub, as_user, tmp_path_factory):
+    """The same profile and seed, trained without interruption."""
+    home = tmp_path_factory.mktemp("reference")
+    old = os.environ.get("LORAFLOW_HOME")
+    os.environ["LORAFLOW_HOME"] = str(home)
+    try:
+        report = _run_here(as_user)
+    finally:
+        os.environ["LORAFLOW_HOME"] = old
+    assert report["status"] == "completed", report["error"]
+    return report
+
+
+def _adapter(report_or_path) -> dict:
+    from safetensors.torch import load_file
+
+    path = (report_or_path["adapter"]["path"] if isinstance(report_or_path, dict)
+            else report_or_path)
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b) and a
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _start_cli(hub, home: Path, prefect_home: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token("demo"),
+           "HF_HUB_DISABLE_XET": "1", "LORAFLOW_HOME": str(home),
+           "PREFECT_HOME": str(prefect_home)}
+    cmd = [sys.executable, "-m", "flows.cli", "run", "quickstart", "--json"]
+    for o in OVERRIDES:
+        cmd += ["--set", o]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, home: Path, step: int, timeout=240) -> Path:
+    """The run directory, once the step log says checkpoint `step` was saved."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its checkpoint"
+        for log in (home / "runs").glob("*/train_log.jsonl"):
+            if any(e["event"] == "checkpoint" and e["step"] == step
+                   for e in read_step_log(log.parent)):
+                return log.parent
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def _last_attempt(run_dir: Path) -> tuple[dict, list[int]]:
+    events = read_step_log(run_dir)
+    start = [e for e in events if e["event"] == "start"][-1]
+    steps = [e["step"] for e in events if e["attempt"] == start["attempt"]
+             and e["event"] == "step"]
+    return start, steps
+
+
+def _complete_checkpoints(run_dir: Path) -> list[int]:
+    from tasks.train import _checkpoint_complete
+
+    ckpts = run_dir / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*")
+                  if _checkpoint_complete(p, int(p.name.split("-")[1])))
+
+
+def _assert_resumed(report, run_dir: Path, k: int, reference) -> None:
+    assert report["status"] == "completed", report["error"]
+    states = {s: v["state"] for s, v in report["steps"].items()}
+    assert states["download"] == states["dataset"] == "cached", states
+    assert states["train"] == "completed"
+    start, steps = _last_attempt(run_dir)
+    assert start["resume_from"] == k and start["pid"] == os.getpid()
+    assert steps == list(range(k + 1, MAX_STEPS + 1)), steps  # only the steps after k
+    assert report["metrics"]["resumed_from"] == f"checkpoint-{k}"
+    assert report["metrics"]["steps"] == MAX_STEPS
+    diff = _max_abs_diff(_adapter(report), _adapter(reference))
+    assert diff <= 1e-4, diff
+
+
+def test_sigkill_after_a_checkpoint_resumes_from_it(hub, as_user, home, tmp_path, reference):
+    proc = _start_cli(hub, home, tmp_path / "prefect")
+    run_dir = _wait_for_checkpoint(proc, home, SAVE_STEPS)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    k = _complete_checkpoints(run_dir)[-1]
+    assert SAVE_STEPS <= k < MAX_STEPS
+    # The killed run still holds the train step's lock (its pid is gone): broken, not waited on.
+    assert any((home / "locks").glob("train-*.lock"))
+    report = _run_here(as_user)
+    _assert_resumed(report, run_dir, k, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_then_a_rerun_resumes(hub, as_user, home,
+                                                                   tmp_path, reference):
+    proc = _start_cli(hub, home, tmp_path / "prefect")
+    run_dir = _wait_for_checkpoint(proc, home, SAVE_STEPS)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["status"] == "failed" and report["steps"]["train"]["state"] == "failed"
+    assert report["error"]["type"] == "TrainingInterrupted", report["error"]
+    assert "resumes" in report["error"]["message"]
+    stopped = [e for e in read_step_log(run_dir) if e["event"] == "interrupted"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
+    k = stopped[0]["step"]
+    assert SAVE_STEPS <= k < MAX_STEPS
+    assert _complete_checkpoints(run_dir)[-1] == k  # saved on the way out, at step k
+    assert not list((home / "locks").glob("*.lock"))  # released on a clean exit
+
+    rerun = _run_here(as_user)
+    _assert_resumed(rerun, run_dir, k, reference)
+
+
+def test_a_corrupted_cached_shard_is_fetched_again(hub, as_user, home):
+    first = _run_here(as_user)
+    assert first["status"] == "completed", first["error"]
+    shard = next((home / "downloads").glob("*/files/model.safetensors"))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:  # same size, other bytes
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    before = len(hub.requests())
+    second = _run_here(as_user)
+    assert second["status"] == "completed", second["error"]
+    states = {s: v["state"] for s, v in second["steps"].items()}
+    assert states["download"] == "completed", states  # the damaged hit was a miss
+    assert states["dataset"] == states["train"] == "cached", states  # same bytes again
+    fetched = [r for r in hub.requests()[before:] if r["method"] == "GET"
+               and r["path"].endswith("/model.safetensors") and r["status"] == 200]
+    assert len(fetched) == 1
+    from tasks.caching import sha256_file
+
+    manifest = json.loads((shard.parent.parent / "manifest.json").read_text())
+    assert sha256_file(shard) == manifest["files"]["files/model.safetensors"]["sha256"]
