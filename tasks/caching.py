@@ -17,12 +17,12 @@ died is broken (same host: the pid is gone; another host: its heartbeat stopped)
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -104,6 +104,32 @@ _roots: dict[str, Optional[Path]] = {}
 _parsed: dict[tuple, tuple[str, frozenset]] = {}
 
 
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]*)"
+                     r"|import[ \t]+([^\n#;]+))", re.M)
+
+
+def _imported_names(source: str, package: str) -> set[str]:
+    """Modules named by the import statements of `source`, function-local (lazy) ones
+    included — tasks import torch and loraflow helpers inside functions. A text scan,
+    not a parse (a parse of a step's closure costs ~0.1 s, too much for a cached run);
+    an import-like line inside a docstring only adds a module: over-keying, never under."""
+    found: set[str] = set()
+    for m in _IMPORT.finditer(source):
+        if m.group(3) is not None:
+            found.update(part.split()[0] for part in m.group(3).split(",") if part.split())
+            continue
+        module, names = m.group(1), m.group(2).strip("() \t\n")
+        dots = len(module) - len(module.lstrip("."))
+        if dots:
+            base = package.split(".")
+            base = base[:len(base) - (dots - 1)]
+            module = ".".join(base + ([module[dots:]] if module[dots:] else []))
+        found.add(module)
+        found.update(f"{module}.{part.split()[0]}" for part in names.split(",")
+                     if part.split())
+    return found
+
+
 def _hash_and_imports(name: str, path: Path) -> tuple[str, frozenset]:
     """(sha256 of the file, loraflow modules it imports), memoized by (path, stat)."""
     st = path.stat()
@@ -112,21 +138,7 @@ def _hash_and_imports(name: str, path: Path) -> tuple[str, frozenset]:
         return _parsed[memo_key]
     source = path.read_bytes()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    # Every import statement, function-local (lazy) ones included: tasks import torch
-    # and friends inside functions, and loraflow helpers the same way.
-    for node in ast.walk(ast.parse(source, filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names)
+    found = _imported_names(source.decode("utf-8", errors="replace"), package)
     ours = frozenset(m for m in found
                      if m.split(".")[0] in LORAFLOW_PACKAGES and _module_origin(m))
     result = (hashlib.sha256(source).hexdigest(), ours)
