@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli_publish",
     "flows.cli_sweep",
     "flows.cli_cache",
+    "flows.cli_deploy",
 )
 
 

@@ -16,13 +16,16 @@ from typing import Any, Callable
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.approval import hold_for_approval
 from flows.artifacts import publish_run_artifacts
+from flows.ui import emit_published, failure_artifact
 from profiles.schema import Profile
 from tasks import settings
 from tasks.caching import cache_options
 from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
 from tasks.download import download_is_cached_and_intact, download_key, download_snapshot
 from tasks.errors import LoraflowError
+from tasks.local_check import check_local_adapter, local_check_key
 from tasks.merge import publish_merged
 from tasks.preflight import preflight
 from tasks.publish import publish_adapter
@@ -36,7 +39,7 @@ class FlowFailed(Exception):
     """Carries the partial run report out of a failed flow run."""
 
     def __init__(self, error: BaseException, report: dict):
-        super().__init__(str(error))
+        super().__init__(f"{type(error).__name__}: {error}")  # the typed error, in the UI
         self.error = error
         self.report = report
 
@@ -137,6 +140,10 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
     step = StepRecorder(report, _print_progress)
     try:
         snapshot, trained = train_steps(profile, step, report)
+        if profile.publish.when == "on_approval":  # publish later: loraflow publish RUN_DIR
+            step("local_check", cached(check_local_adapter, local_check_key), train=trained,
+                 snapshot=snapshot, profile=profile)
+            return hold_for_approval(report, trained, profile.publish.repo_id)
         published = step("publish", publish_adapter, train=trained, publish=profile.publish)
         report["hub"] = {"endpoint": settings.hub_endpoint(), "repo_id": published.repo_id,
                          "commit": published.commit, "tag": published.tag,
@@ -148,7 +155,10 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
                           profile=profile, adapter=published)
             report["hub"]["merged"] = merged.model_dump()
         publish_run_artifacts(report)
+        emit_published(report)  # automations: notify on a new version
     except BaseException as exc:
-        raise fail(report, exc) from exc
+        failed = fail(report, exc)
+        failure_artifact(report)
+        raise failed from exc
     report["status"] = "completed"
     return report

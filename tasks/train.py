@@ -179,8 +179,10 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
                                       pad_to_multiple_of=8)
+    from tasks.progress import TrainingProgress  # the run's progress artifact in the UI
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                   data_collator=collator), eval_ds
+                   data_collator=collator,
+                   callbacks=[TrainingProgress(profile.publish.repo_id)]), eval_ds
 
 
 def _checkpoint_complete(path: Path, step: int) -> bool:
