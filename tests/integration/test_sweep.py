@@ -23,7 +23,7 @@ def test_sweep_runs_four_variants_two_at_a_time_and_publishes_the_best(hub, as_u
 
     repo = "loraflow-demo/sweep-best"
     # Values no other test trains, so every variant really trains (no cache hits).
-    profile = load_profile("quickstart", [f"publish.repo_id={repo}", "training.max_steps=80"])
+    profile = load_profile("quickstart", [f"publish.repo_id={repo}", "training.max_steps=40"])
     with as_user("demo"):
         result = sweep(profile, {"lora.r": [2, 6], "training.learning_rate": [0.002, 0.004]},
                        publish="best", max_concurrent_trainings=2)
