@@ -340,12 +340,42 @@ def content_cache_policy(key_fn: Callable[..., str], lock_dir: Path,
                               lock_manager=OrphanBreakingLockManager(lock_dir))
 
 
+_blocks_seen: set[str] = set()
+
+
+def _result_storage():
+    """settings.result_storage(), checked: bad values fail before any step runs."""
+    from tasks.errors import SettingsError
+
+    try:
+        storage = settings.result_storage()
+        settings.lock_lease_seconds()
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    if isinstance(storage, str) and storage not in _blocks_seen:
+        from prefect.blocks.core import Block
+
+        try:
+            Block.load(storage)
+        except ValueError:
+            raise SettingsError(
+                f"LORAFLOW_RESULT_STORAGE={storage!r}: no saved Prefect block with that slug "
+                "on this Prefect API. Fix: save one (e.g. LocalFileSystem(basepath="
+                "'/mnt/shared/prefect-results').save('loraflow-results')), or unset it.") from None
+        _blocks_seen.add(storage)
+    return storage
+
+
 def cache_options(key_fn: Callable[..., str],
                   intact_fn: Optional[Callable[..., bool]] = None) -> dict:
     """`Task.with_options` arguments for a content-cached step: the policy above,
-    persisted results in the configured result storage (settings.result_storage)."""
+    persisted results in the configured result storage (settings.result_storage).
+
+    Raises:
+        SettingsError: LORAFLOW_RESULT_STORAGE or LORAFLOW_LOCK_LEASE_S is unusable.
+    """
     return dict(cache_policy=content_cache_policy(key_fn, lock_dir(), intact_fn),
-                persist_result=True, result_storage=settings.result_storage())
+                persist_result=True, result_storage=_result_storage())
 
 
 # ---------------------------------------------------------------------------- locks

@@ -72,6 +72,10 @@ class TrainingError(LoraflowError):
     """Training could not run (e.g. target modules match nothing, no learning)."""
 
 
+class SettingsError(LoraflowError):
+    """A LORAFLOW_* environment setting is invalid: names the variable, cause and fix."""
+
+
 class TrainingInterrupted(LoraflowError):
     """Training stopped on SIGTERM/SIGINT (e.g. a cancel from the Prefect UI) after saving a
     checkpoint. Not retried in-process (the stop was asked for); a re-run resumes."""

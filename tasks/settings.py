@@ -55,6 +55,10 @@ def result_storage():
     value = os.environ.get("LORAFLOW_RESULT_STORAGE", "").strip()
     if not value:
         return loraflow_home() / "results"
+    if "://" in value:
+        raise ValueError(f"LORAFLOW_RESULT_STORAGE={value!r}: a URL is not a storage "
+                         "setting. Fix: save a Prefect storage block for it and give its "
+                         "slug (<block-type>/<name>), or give a directory path.")
     is_slug = (not value.startswith(("/", ".", "~")) and value.count("/") == 1
                and all(value.split("/")))
     return value if is_slug else Path(value).expanduser().resolve()

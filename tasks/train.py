@@ -296,6 +296,32 @@ def _training_callback(stop: _StopRequest, steps: _StepLog):
     return SaveAndStop()
 
 
+def _finished_checkpoint(resume: Optional[str]) -> Optional[dict]:
+    """The checkpoint's trainer state when it is the last step of the run, else None."""
+    if resume is None:
+        return None
+    state = json.loads((Path(resume) / "trainer_state.json").read_text())
+    done = state.get("max_steps") and state["global_step"] >= state["max_steps"]
+    return state if done else None
+
+
+def _restore_finished(trainer, model, resume: str, state: dict):
+    """Load a final checkpoint's adapter weights and trainer state; a TrainOutput whose
+    training_loss is the step-weighted mean of the logged losses."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    set_peft_model_state_dict(model, load_file(str(Path(resume) / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    total, last = 0.0, 0
+    for h in trainer.state.log_history:
+        if "loss" in h:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    return TrainOutput(trainer.state.global_step, total / last if last else 0.0, {})
+
+
 def _adopt(out: Path) -> Optional[TrainResult]:
     """The result of a finished, unchanged run directory (its cache record was lost,
     e.g. another result storage), without importing torch."""
@@ -357,8 +383,14 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     steps = _StepLog(out / STEP_LOG, int(Path(resume).name.split("-")[1]) if resume else 0)
     trainer.add_callback(_training_callback(stop, steps))
     try:
-        with _stop_on_signals(stop):
-            result = trainer.train(resume_from_checkpoint=resume)
+        finished = _finished_checkpoint(resume)
+        if finished is not None:
+            # Killed after the last checkpoint, before the adapter was saved: Trainer
+            # would train one step too many from here, so take the weights as they are.
+            result = _restore_finished(trainer, model, resume, finished)
+        else:
+            with _stop_on_signals(stop):
+                result = trainer.train(resume_from_checkpoint=resume)
         if stop.signum is not None:
             import signal
 

@@ -280,6 +280,8 @@ def test_two_processes_started_together_train_once(hub, tmp_path):
     # trainer finished, and left it only after.
     t_start = [_first(log, "▶ train") for log in logs]
     t_end = [_first(log, "✔ train") for log in logs]
+    print(f"train step (seconds after launch): trainer {t_start[trainer]:.1f}–"
+          f"{t_end[trainer]:.1f}, waiter {t_start[waiter]:.1f}–{t_end[waiter]:.1f}")
     assert t_start[waiter] < t_end[trainer] <= t_end[waiter] + 0.5, (t_start, t_end)
     assert t_start[trainer] < t_end[waiter]
     waited = reports[waiter]["steps"]["train"]["seconds"]
@@ -341,3 +343,6 @@ def test_two_hosts_share_one_cache_through_shared_storage_and_a_result_block(
     imported = json.loads(next(line for line in b.stderr.splitlines()
                                if line.startswith("IMPORTED "))[len("IMPORTED "):])
     assert imported == [], imported
+    token = hub.token("demo").encode()  # never in keys, records, manifests, locks or logs
+    assert token not in b.stdout.encode() + b.stderr.encode()
+    assert not [p for p in shared.rglob("*") if p.is_file() and token in p.read_bytes()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,8 +159,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_a_rerun_resumes(hub, as_user,
     _assert_resumed(rerun, run_dir, k, reference)
 
 
-def test_a_corrupted_cached_shard_is_fetched_again(hub, as_user, home):
-    first = _run_here(as_user)
+def test_damaged_outputs_are_repaired_not_redone(hub, as_user, home):
+    """A cached shard whose bytes changed is fetched again (and nothing downstream moves);
+    a run killed after its last checkpoint, before the adapter was saved, finishes from
+    that checkpoint without training a step more."""
+    small = ["training.max_steps=4", "training.save_steps=2",
+             "publish.repo_id=loraflow-demo/resume-test"]
+    first = _run_here(as_user, small)
     assert first["status"] == "completed", first["error"]
     shard = next((home / "downloads").glob("*/files/model.safetensors"))
     size = shard.stat().st_size
@@ -169,7 +175,7 @@ def test_a_corrupted_cached_shard_is_fetched_again(hub, as_user, home):
         f.seek(size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
     before = len(hub.requests())
-    second = _run_here(as_user)
+    second = _run_here(as_user, small)
     assert second["status"] == "completed", second["error"]
     states = {s: v["state"] for s, v in second["steps"].items()}
     assert states["download"] == "completed", states  # the damaged hit was a miss
@@ -181,6 +187,16 @@ def test_a_corrupted_cached_shard_is_fetched_again(hub, as_user, home):
 
     manifest = json.loads((shard.parent.parent / "manifest.json").read_text())
     assert sha256_file(shard) == manifest["files"]["files/model.safetensors"]["sha256"]
+
+    run_dir = Path(first["adapter"]["path"]).parent
+    (run_dir / "manifest.json").unlink()  # as if killed between checkpoint-4 and the end
+    shutil.rmtree(run_dir / "adapter")
+    third = _run_here(as_user, small)
+    assert third["steps"]["train"]["state"] == "completed", third["steps"]
+    start, steps = _last_attempt(run_dir)
+    assert start["resume_from"] == 4 and steps == []
+    assert third["adapter"]["sha256"] == first["adapter"]["sha256"]
+    assert third["metrics"]["steps"] == 4
 
 
 def test_an_interrupted_download_keeps_what_completed_and_fetches_the_rest(hub, as_user, home):

@@ -151,3 +151,20 @@ def test_result_storage_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAFLOW_LOCK_LEASE_S", "soon")
     with pytest.raises(ValueError, match="LORAFLOW_LOCK_LEASE_S"):
         settings.lock_lease_seconds()
+
+
+def test_unusable_storage_settings_fail_with_the_variable_named(monkeypatch, tmp_path):
+    from tasks.errors import SettingsError
+
+    monkeypatch.setenv("LORAFLOW_RESULT_STORAGE", "s3://bucket/results")
+    with pytest.raises(SettingsError, match="LORAFLOW_RESULT_STORAGE.*a URL.*Fix"):
+        caching.cache_options(lambda **_: "k")
+    monkeypatch.setenv("LORAFLOW_RESULT_STORAGE", "local-file-system/no-such-block-here")
+    with pytest.raises(SettingsError, match="no saved Prefect block.*Fix"):
+        caching.cache_options(lambda **_: "k")
+    monkeypatch.setenv("LORAFLOW_RESULT_STORAGE", str(tmp_path))
+    monkeypatch.setenv("LORAFLOW_LOCK_LEASE_S", "-3")
+    with pytest.raises(SettingsError, match="LORAFLOW_LOCK_LEASE_S"):
+        caching.cache_options(lambda **_: "k")
+    monkeypatch.delenv("LORAFLOW_LOCK_LEASE_S")
+    assert caching.cache_options(lambda **_: "k")["result_storage"] == tmp_path
