@@ -198,6 +198,11 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
         raise errors.ProfileError(
             "model.attn_implementation: flex_attention needs torch >= 2.5 (installed: "
             f"{'.'.join(map(str, _major_minor('torch')))}). Fix: upgrade torch, or use sdpa.")
+    if m.attn_implementation == "flex_attention" and on_cpu:
+        raise errors.ProfileError(
+            "model.attn_implementation: flex_attention has no backward pass on CPU in torch "
+            "(training would stop at the first step). Fix: use sdpa or eager on CPU, or "
+            "train on a GPU.")
     if not m.low_cpu_mem_usage and _major_minor("transformers") >= (5, 0):
         raise errors.ProfileError(
             "model.low_cpu_mem_usage: transformers >= 5 always loads weights without a "

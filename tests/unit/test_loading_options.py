@@ -146,3 +146,9 @@ def test_load_kwargs_map_every_field():
 def _sections(name):
     p = load_profile(name)
     return p.model, p.quantization
+
+
+def test_flex_attention_is_refused_for_cpu_training(monkeypatch):
+    with pytest.raises(ProfileError, match="flex_attention has no backward pass on CPU"):
+        _check(["model.attn_implementation=flex_attention"], [], monkeypatch=monkeypatch)
+    _check(["model.attn_implementation=flex_attention"], GPU, monkeypatch=monkeypatch)
