@@ -4,6 +4,10 @@ import atexit
 import json
 import runpy
 import sys
+from pathlib import Path
+
+# This checkout's loraflow, not whatever an editable install points at.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HEAVY = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "accelerate", "safetensors")
 
