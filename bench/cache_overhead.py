@@ -88,7 +88,9 @@ def main() -> int:
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1",
            "HF_HOME": str(work / "hf-home"), "PREFECT_HOME": str(work / "prefect"),
            "LORAFLOW_HOME": str(work / "loraflow"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false",
+           # A busy machine can take longer than the default 20 s to start it.
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     py = sys.executable
     empty_cmd = [py, str(REPO / "bench" / "empty_flow.py")]
     run_cmd = [py, str(REPO / "bench" / "run_cli.py"), "run", "quickstart", "--json"]
