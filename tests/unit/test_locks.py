@@ -84,18 +84,18 @@ def test_a_holder_on_another_host_is_alive_while_its_heartbeat_moves(tmp_path, m
     """Seen from 'another host' (faked identity), a live holder heartbeats its lock file
     every lease/4 s and keeps it; once killed, its lock is broken after one lease."""
     lock_dir = tmp_path / "locks"
-    holder = _start_holder(lock_dir, lease="0.4")
+    holder = _start_holder(lock_dir, lease="1.0")  # heartbeat every 0.25 s
     monkeypatch.setattr(caching, "_host_identity",
                         lambda: {"host": "elsewhere", "boot_id": None, "pidns": None})
-    manager = OrphanBreakingLockManager(lock_dir, lease_seconds=0.4)
+    manager = OrphanBreakingLockManager(lock_dir, lease_seconds=1.0)
     try:
-        assert manager.acquire_lock(KEY, "me", acquire_timeout=1.5) is False  # > 3 leases
+        assert manager.acquire_lock(KEY, "me", acquire_timeout=3.5) is False  # > 3 leases
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     start = time.monotonic()
-    assert manager.acquire_lock(KEY, "me", acquire_timeout=10)
-    assert 0.3 < time.monotonic() - start < 3
+    assert manager.acquire_lock(KEY, "me", acquire_timeout=20)
+    assert 0.9 < time.monotonic() - start < 10
 
 
 def test_a_foreign_lock_without_heartbeat_expires_and_a_half_written_one_waits(tmp_path):
@@ -103,14 +103,14 @@ def test_a_foreign_lock_without_heartbeat_expires_and_a_half_written_one_waits(t
     lock_dir.mkdir()
     path = lock_dir / f"{KEY}.lock"
     path.write_text(json.dumps({"holder": "h", "host": "other-host", "pid": 1}))
-    manager = OrphanBreakingLockManager(lock_dir, lease_seconds=0.5)
+    manager = OrphanBreakingLockManager(lock_dir, lease_seconds=2.0)
     assert manager.is_locked(KEY)
-    time.sleep(0.3)
-    os.utime(path)  # a heartbeat
+    time.sleep(1.2)
+    os.utime(path, ns=(time.time_ns(), time.time_ns()))  # a heartbeat
     assert manager.is_locked(KEY)
-    time.sleep(0.3)
-    assert manager.is_locked(KEY)  # 0.3 s since the heartbeat: still held
-    time.sleep(0.4)
+    time.sleep(1.2)
+    assert manager.is_locked(KEY)  # 2.4 s since the first look, 1.2 s since the heartbeat
+    time.sleep(1.0)
     assert not manager.is_locked(KEY) and not path.exists()
 
     path.write_text("")  # created, content not written yet (another manager's fallback)
