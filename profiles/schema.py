@@ -196,6 +196,17 @@ class TrainingSection(_Section):
                                       "(TrainingArguments.eval_steps); null: once at the end.")
     logging_steps: int = Field(5, gt=0, description="TrainingArguments.logging_steps.")
     seed: int = Field(42, description="TrainingArguments.seed; also the eval split's seed.")
+    launcher: Literal["auto", "single", "torchrun"] = Field(
+        "auto", description="How training runs: single (in the task's process), torchrun "
+        "(torch.distributed.run over nproc_per_node processes: DDP for 16/32-bit LoRA, FSDP "
+        "for 4-bit QLoRA), auto (torchrun when more than one GPU is visible).")
+    nproc_per_node: Optional[int] = Field(
+        None, gt=0, description="torchrun --nproc_per_node; null: every visible GPU.")
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="Examples per optimizer step over all processes: "
+        "gradient_accumulation_steps is derived as global / (per_device_batch_size × "
+        "processes), so one profile means the same training on 1 or N GPUs. null: use "
+        "gradient_accumulation_steps as given.")
 
 
 class PublishSection(_Section):

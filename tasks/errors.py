@@ -81,6 +81,13 @@ class TrainingInterrupted(LoraflowError):
     checkpoint. Not retried in-process (the stop was asked for); a re-run resumes."""
 
 
+class DistributedTrainingError(LoraflowError):
+    """A torchrun training process died or a collective failed (NCCL/Gloo timeout, a
+    killed rank). Transient: the retry resumes from the last checkpoint."""
+
+    transient = True
+
+
 class OutOfMemoryError(LoraflowError):
     """Out of memory at the profile's settings; retrying the same settings won't help."""
 

@@ -34,6 +34,7 @@ from tasks import errors, settings
 from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
                            write_manifest)
 from tasks.dataset import DatasetManifest
+from tasks.launch import accumulation_steps, resolve_launcher, run_torchrun, world
 from tasks.download import SnapshotManifest
 from tasks.modelcard import CARD, LINEAGE, LOSS_CURVE, write_publication_files
 from tasks.preflight import PreflightReport
@@ -45,7 +46,9 @@ STEP_LOG = "train_log.jsonl"
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 # Checkpointing knobs: they change when state is saved, not what is learned (a resumed
 # run matches an uninterrupted one), so changing them must not retrain.
-NOT_IN_KEY = {"save_steps", "save_total_limit"}
+# How many processes run it is left out too: global_batch_size keeps the training the
+# same on 1 or N GPUs.
+NOT_IN_KEY = {"save_steps", "save_total_limit", "launcher", "nproc_per_node"}
 
 
 class TrainResult(BaseModel):
@@ -100,11 +103,13 @@ def _adapter_weights(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def _unchanged_tensors(model, initial: dict) -> list[str]:
+def _unchanged_tensors(adapter_dir: Path, initial: dict) -> list[str]:
+    """Adapter tensors whose saved value equals their initial value."""
     import torch
+    from safetensors.torch import load_file
 
-    current = _adapter_weights(model)
-    return [k for k, v in initial.items() if torch.equal(v, current[k])]
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return [k for k, v in initial.items() if torch.equal(v, saved[k].to(v.dtype))]
 
 
 def _library_versions() -> dict:
@@ -154,7 +159,7 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         num_train_epochs=t.num_epochs,
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_steps(t, world()[2]),
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=t.weight_decay,
@@ -175,7 +180,8 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         remove_unused_columns=False,
-        disable_tqdm=False,
+        disable_tqdm=world()[0] != 0,
+        **_distributed_arguments(profile, model),
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
                                       pad_to_multiple_of=8)
@@ -183,6 +189,29 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                    data_collator=collator,
                    callbacks=[TrainingProgress(profile.publish.repo_id)]), eval_ds
+
+
+def uses_fsdp(profile: Profile) -> bool:
+    """4-bit QLoRA over several processes shards with FSDP (the quantized weights are
+    stored as quantization.quant_storage so they can be flattened); 16/32-bit LoRA uses
+    DDP, whose replicas are cheap next to the activations."""
+    return world()[2] > 1 and profile.quantization.mode in ("nf4", "fp4")
+
+
+def _distributed_arguments(profile: Profile, model) -> dict:
+    if world()[2] == 1:
+        return {}
+    if not uses_fsdp(profile):
+        # LoRA leaves most parameters frozen: no unused-parameter search each step.
+        return {"ddp_find_unused_parameters": False}
+    layer_cls = type(model.get_base_model().model.layers[0]).__name__
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"transformer_layer_cls_to_wrap": [layer_cls],
+                            "backward_prefetch": "backward_pre", "forward_prefetch": False,
+                            "use_orig_params": False, "sync_module_states": True,
+                            "cpu_ram_efficient_loading": True,
+                            "activation_checkpointing": profile.training.gradient_checkpointing,
+                            "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def _checkpoint_complete(path: Path, step: int) -> bool:
@@ -352,6 +381,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     adopted = _adopt(out)
     if adopted is not None:
         return adopted
+    rank, local_rank, world_size = world()
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, set_seed
@@ -359,28 +389,36 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     from tasks.modeling import inject_adapter, load_base_model
 
     out.mkdir(parents=True, exist_ok=True)
-    # What keyed this run, readable while it is partial (`loraflow cache ls`).
-    (out / "inputs.json").write_text(json.dumps(train_inputs(profile, snapshot, dataset),
-                                                indent=1, sort_keys=True))
+    if rank == 0:
+        # What keyed this run, readable while it is partial (`loraflow cache ls`).
+        (out / "inputs.json").write_text(json.dumps(train_inputs(profile, snapshot, dataset),
+                                                    indent=1, sort_keys=True))
     set_seed(profile.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are -100 on padding anyway
-    base = load_base_model(profile.model, profile.quantization, snapshot.local_dir)
+    model_section = profile.model
+    if world_size > 1 and profile.quantization.mode != "none" and not uses_fsdp(profile) \
+            and torch.cuda.is_available():
+        # bitsandbytes weights are placed at load; each DDP rank loads onto its own GPU.
+        model_section = model_section.model_copy(update={"device_map": {"": local_rank}})
+    base = load_base_model(model_section, profile.quantization, snapshot.local_dir)
     model = inject_adapter(base, profile.lora, profile.quantization,
                            profile.training.gradient_checkpointing)
     init_path = out / "adapter_init.safetensors"
     initial = _adapter_weights(model)
     if not init_path.exists():
-        save_file(initial, str(init_path))
+        if rank == 0:
+            save_file(initial, str(init_path))
     else:  # resuming: the "before" weights are those of the first attempt
         initial = load_file(str(init_path))
     trainable, total = model.get_nb_trainable_parameters()
 
     trainer, eval_ds = build_trainer(profile, model, tokenizer, dataset, out)
-    resume = _last_checkpoint(out)
+    resume = _last_checkpoint(out, prune=rank == 0)
     stop = _StopRequest()
-    steps = _StepLog(out / STEP_LOG, int(Path(resume).name.split("-")[1]) if resume else 0)
+    log_name = STEP_LOG if rank == 0 else f"train_log.rank{rank}.jsonl"
+    steps = _StepLog(out / log_name, int(Path(resume).name.split("-")[1]) if resume else 0)
     trainer.add_callback(_training_callback(stop, steps))
     try:
         finished = _finished_checkpoint(resume)
@@ -410,7 +448,15 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         steps.close()
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
-    unchanged = _unchanged_tensors(model, initial)
+    adapter_dir = out / "adapter"
+    if uses_fsdp(profile):  # the shards are gathered into one adapter file on rank 0
+        trainer.save_model(str(adapter_dir))
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+    elif rank == 0:
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    if rank != 0:
+        return None  # rank 0 writes the record; the parent reads it from the run dir
+    unchanged = _unchanged_tensors(adapter_dir, initial)
     if unchanged:
         raise errors.TrainingError(
             f"{len(unchanged)} LoRA tensors did not change during training (e.g. "
@@ -418,8 +464,6 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
             "data; on CPU, 4-bit bitsandbytes weights stop passing gradients after an "
             "evaluation forward — use quantization.mode int8 or none there.")
 
-    adapter_dir = out / "adapter"
-    model.save_pretrained(str(adapter_dir), safe_serialization=True)
     losses, eval_loss = _log_losses(trainer.state.log_history)
     metrics = {"train_loss": result.training_loss, "first_loss": losses[0]["loss"],
                "last_loss": losses[-1]["loss"], "eval_loss": eval_metrics.get("eval_loss",
@@ -456,5 +500,21 @@ def train_is_cached_and_intact(profile, snapshot, dataset, **_) -> bool:
 @task(name="train", **TRANSIENT_RETRIES)
 def train_adapter(profile: Profile, preflight: PreflightReport, snapshot: SnapshotManifest,
                   dataset: DatasetManifest, flow_run_id: Optional[str] = None) -> TrainResult:
-    """Prefect task: run_train, cached by train_key; a retry resumes from the last checkpoint."""
-    return run_train(profile, preflight, snapshot, dataset, flow_run_id)
+    """Prefect task: run_train (in this process, or as a torchrun job), cached by
+    train_key; a retry resumes from the last checkpoint."""
+    launcher, nproc = resolve_launcher(profile.training)
+    if launcher == "single":
+        return run_train(profile, preflight, snapshot, dataset, flow_run_id)
+    from prefect.logging import get_run_logger
+
+    out = run_dir_for(train_key(profile, snapshot, dataset))
+    inputs = {"profile": profile.model_dump(mode="json"),
+              "preflight": preflight.model_dump(mode="json"),
+              "snapshot": snapshot.model_dump(mode="json"),
+              "dataset": dataset.model_dump(mode="json"), "flow_run_id": flow_run_id}
+    run_torchrun(out, inputs, nproc, log=get_run_logger().info)
+    result = _adopt(out)
+    if result is None:
+        raise errors.TrainingError(f"the torchrun job exited cleanly but left no finished "
+                                   f"run in {out}. Fix: check the job's log above.")
+    return result
