@@ -132,13 +132,24 @@ def check_target_modules(base, lora: LoraSection) -> None:
 
 
 def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
-                   gradient_checkpointing: bool):
-    """get_peft_model, with k-bit preparation for quantized bases."""
+                   gradient_checkpointing: bool, sharded: bool = False):
+    """get_peft_model, with k-bit preparation for quantized bases.
+
+    `sharded` (FSDP over a 4-bit base): FSDP flattens each wrapped block into one tensor
+    of a single dtype, so nothing is upcast to fp32 (no k-bit preparation) and the
+    adapter takes the quant storage dtype; FSDP does the activation checkpointing.
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(base, lora)
-    if quant.mode != "none":
+    if quant.mode != "none" and not sharded:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(base, lora_config(lora))
+    model = get_peft_model(base, lora_config(lora))
+    if sharded:
+        storage = torch_dtype(quant.quant_storage)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(storage)
+    return model

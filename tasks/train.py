@@ -164,7 +164,8 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # Under FSDP, its own activation checkpointing replaces the Trainer's.
+        gradient_checkpointing=t.gradient_checkpointing and not uses_fsdp(profile),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -398,13 +399,20 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are -100 on padding anyway
     model_section = profile.model
-    if world_size > 1 and profile.quantization.mode != "none" and not uses_fsdp(profile) \
-            and torch.cuda.is_available():
-        # bitsandbytes weights are placed at load; each DDP rank loads onto its own GPU.
-        model_section = model_section.model_copy(update={"device_map": {"": local_rank}})
-    base = load_base_model(model_section, profile.quantization, snapshot.local_dir)
-    model = inject_adapter(base, profile.lora, profile.quantization,
-                           profile.training.gradient_checkpointing)
+    if world_size > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        if profile.quantization.mode != "none":
+            # bitsandbytes quantizes at load: each rank loads onto its own GPU.
+            model_section = model_section.model_copy(update={"device_map": {"": local_rank}})
+    sharded = uses_fsdp(profile)
+    quant = profile.quantization
+    if sharded and quant.quant_storage == "uint8":
+        # FSDP shards 4-bit weights only when they are stored in a float dtype; the
+        # storage dtype does not change the numbers, so the compute dtype is used.
+        quant = quant.model_copy(update={"quant_storage": quant.compute_dtype})
+    base = load_base_model(model_section, quant, snapshot.local_dir)
+    model = inject_adapter(base, profile.lora, quant,
+                           profile.training.gradient_checkpointing and not sharded, sharded)
     init_path = out / "adapter_init.safetensors"
     initial = _adapter_weights(model)
     if not init_path.exists():
@@ -449,9 +457,15 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
     adapter_dir = out / "adapter"
-    if uses_fsdp(profile):  # the shards are gathered into one adapter file on rank 0
-        trainer.save_model(str(adapter_dir))
-        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+    if uses_fsdp(profile):
+        # Every rank joins the gather of the sharded weights; rank 0 saves them.
+        full_state = trainer.accelerator.get_state_dict(trainer.model)
+        # FSDP's activation checkpointing wraps each block: drop the wrapper from the names.
+        full_state = {k.replace("_checkpoint_wrapped_module.", "")
+                      .replace("_fsdp_wrapped_module.", ""): v for k, v in full_state.items()}
+        if rank == 0:
+            model.save_pretrained(str(adapter_dir), state_dict=full_state,
+                                  safe_serialization=True)
     elif rank == 0:
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
     if rank != 0:

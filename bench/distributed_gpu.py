@@ -1,0 +1,157 @@
+"""Distributed training on 2 GPUs vs 1, through loraflow's own training step.
+
+For an 8B-shaped Llama with random bf16 weights: bf16 LoRA with DDP and nf4 QLoRA with
+FSDP, each 30 steps of a learnable synthetic task, against a single-GPU run at the same
+global batch. Each run is `tasks.train_worker` — the code a torchrun job of
+train_adapter runs — under CUDA_VISIBLE_DEVICES=0 (one GPU) or torch.distributed.run
+(two). Prints and writes one JSON line per case: per-step losses of both, their largest
+and mean relative difference, tokens/s and the ratio, peak memory.
+
+usage (2-GPU machine, repo root, wheel bundle installed):
+    python bench/distributed_gpu.py OUTDIR [CASE ...]   (cases: 8b-bf16-ddp 8b-nf4-fsdp)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SEQ, PER_DEVICE, GLOBAL, STEPS = 1024, 8, 16, 30
+SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                tie_word_embeddings=False, head_dim=128, max_position_embeddings=8192)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def build_model(path: Path) -> None:
+    """Random bf16 8B-shaped Llama + the seeded tiny tokenizer (ids are pre-tokenized)."""
+    if (path / "config.json").exists():
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from localhub.seed_data import model_files
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE_8B, dtype="bfloat16")).to(torch.bfloat16)
+    model.save_pretrained(str(path))
+    for name, data in model_files().items():
+        if name.startswith(("tokenizer", "special_tokens")):
+            (path / name).write_bytes(data)
+    del model
+    torch.cuda.empty_cache()
+
+
+def build_dataset(path: Path) -> dict:
+    """Periodic token sequences (period 16, random phase and alphabet offset): every
+    sample is equally learnable, so per-step losses do not depend on sample order."""
+    import datasets
+    import numpy as np
+
+    rs = np.random.RandomState(0)
+    rows = []
+    for _ in range(GLOBAL * STEPS):
+        base = int(rs.randint(1000, 100000))
+        pattern = base + rs.permutation(16)
+        ids = [int(pattern[i % 16]) for i in range(int(rs.randint(0, 16)), SEQ + 16)][:SEQ]
+        rows.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * SEQ})
+    datasets.Dataset.from_list(rows).save_to_disk(str(path / "train"))
+    return {"path": str(path), "key": "synthetic-periodic", "num_train": len(rows),
+            "num_eval": 0, "train_tokens": len(rows) * SEQ}
+
+
+def launch_inputs(model_dir: Path, dataset: dict, quant: str) -> dict:
+    from profiles.schema import Profile
+
+    profile = Profile.model_validate({
+        "model": {"id": "bench/llama-8b-shape", "dtype": "bfloat16"},
+        "quantization": {"mode": quant, "quant_storage": "bfloat16"} if quant != "none"
+        else {"mode": "none"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"dataset": "bench/synthetic", "max_length": SEQ, "eval_split": 0},
+        "training": {"learning_rate": 1e-3, "max_steps": STEPS, "per_device_batch_size":
+                     PER_DEVICE, "global_batch_size": GLOBAL, "lr_scheduler": "constant",
+                     "gradient_checkpointing": quant != "none", "logging_steps": 1,
+                     "save_steps": 1000, "seed": 0},
+        "publish": {"repo_id": "bench/unpublished"}})
+    files = {p.name: {"size": p.stat().st_size, "sha256": p.name}
+             for p in model_dir.iterdir() if p.is_file()}
+    return {"profile": profile.model_dump(mode="json"),
+            "preflight": {"user": "bench", "target_repo": "bench/unpublished",
+                          "base_model": {"repo_id": "bench/llama-8b-shape", "revision": "main",
+                                         "commit": "0" * 40, "gated": False},
+                          "dataset": {"source": "file", "id": "synthetic", "sha256": "0" * 64}},
+            "snapshot": {"repo_id": "bench/llama-8b-shape", "commit": "0" * 40,
+                         "local_dir": str(model_dir), "files": files},
+            "dataset": dataset, "flow_run_id": None}
+
+
+def run(case: str, inputs: dict, gpus: int, work: Path) -> dict:
+    home = work / f"home-{case}-{gpus}gpu"
+    launch = work / f"{case}-{gpus}.json"
+    launch.write_text(json.dumps(inputs))
+    env = {**os.environ, **NO_MULTICAST, "LORAFLOW_HOME": str(home),
+           "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    cmd = ([sys.executable, "-m", "tasks.train_worker", str(launch)] if gpus == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={gpus}", "-m", "tasks.train_worker", str(launch)])
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"case": case, "gpus": gpus, "error": proc.stdout[-1500:] + proc.stderr[-3000:]}
+    record = json.loads(next(home.glob("runs/*/record.json")).read_text())
+    runtime = record["metrics"]["train_runtime_s"]
+    return {"case": case, "gpus": gpus, "wall_s": round(time.time() - start, 1),
+            "train_runtime_s": runtime, "tokens_per_s": round(STEPS * GLOBAL * SEQ / runtime),
+            "losses": [h["loss"] for h in record["loss_history"]],
+            "adapter_sha256": record["adapter"]["sha256"],
+            "adapter_dir": str(next(home.glob("runs/*/adapter")))}
+
+
+def compare(one: dict, two: dict) -> dict:
+    rel = [abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"])]
+    return {"max_rel_loss_diff": round(max(rel), 4), "mean_rel_loss_diff": round(sum(rel) / len(rel), 4),
+            "throughput_ratio": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
+            "loss_first_last_1gpu": [one["losses"][0], one["losses"][-1]],
+            "loss_first_last_2gpu": [two["losses"][0], two["losses"][-1]]}
+
+
+def reload_matches(result: dict, model_dir: Path) -> bool:
+    """The saved adapter loads with peft on the base (rank 0 wrote it once)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors"))
+    return bool(tensors) and all(t.isfinite().all() for t in tensors.values())
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/lf-dist")
+    work.mkdir(exist_ok=True)
+    model_dir = work / "llama-8b"
+    build_model(model_dir)
+    dataset = build_dataset(work / "data")
+    cases = (("8b-bf16-ddp", "none"), ("8b-nf4-fsdp", "nf4"))
+    for case, quant in (c for c in cases if len(sys.argv) < 3 or c[0] in sys.argv[2:]):
+        inputs = launch_inputs(model_dir, dataset, quant)
+        one, two = run(case, inputs, 1, work), run(case, inputs, 2, work)
+        row = {"case": case, "one_gpu": one, "two_gpus": two}
+        if "error" not in one and "error" not in two:
+            row.update(compare(one, two), adapter_reloads=reload_matches(two, model_dir))
+        line = json.dumps(row)
+        print(line, flush=True)
+        with open(out / "distributed.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
