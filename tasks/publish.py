@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from profiles.schema import PublishSection
 from tasks import errors, settings
 from tasks.hub import hub_api, repo_url
-from tasks.modelcard import LINEAGE, publication_files
+from tasks.modelcard import CARD, LINEAGE, LOSS_CURVE, publication_files
 from tasks.train import ADAPTER_FILES, RECORD, TrainResult
 
 MAX_ATTEMPTS = 3
@@ -153,14 +153,18 @@ def ensure_repo(api, repo_id: str, private: bool) -> None:
             "another publish.repo_id.", repo_id=repo_id)
 
 
-def adapter_bundle(run_dir: Path, record: dict, repo_id: str) -> dict[str, object]:
-    """The files of one publication. The card written at training end is used as is
-    when it was rendered for this repo (same bytes on every re-publish)."""
+def adapter_bundle(run_dir: Path, record: dict, publish: PublishSection) -> dict[str, object]:
+    """The files of one publication. The card, lineage and curve written at training end
+    are sent as they are when the run's own publish section is the one used (the same
+    bytes on every re-publish); publishing elsewhere re-renders them with that section,
+    so the lineage names the publication it travels with."""
     files: dict[str, object] = {name: run_dir / "adapter" / name for name in ADAPTER_FILES}
-    rendered_for = record["profile"]["publish"]["repo_id"]
-    for name, data in publication_files(record, repo_id).items():
-        on_disk = run_dir / name
-        files[name] = on_disk if (on_disk.is_file() and rendered_for == repo_id) else data
+    wanted = publish.model_dump(mode="json")
+    if record["profile"]["publish"] == wanted:
+        files.update({name: run_dir / name for name in (CARD, LINEAGE, LOSS_CURVE)})
+        return files
+    retargeted = {**record, "profile": {**record["profile"], "publish": wanted}}
+    files.update(publication_files(retargeted, publish.repo_id))
     return files
 
 
@@ -183,8 +187,7 @@ def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
 
     try:
         ensure_repo(api, publish.repo_id, publish.private)
-        result = push_bundle(api, publish.repo_id, adapter_bundle(run_dir, record,
-                                                                  publish.repo_id),
+        result = push_bundle(api, publish.repo_id, adapter_bundle(run_dir, record, publish),
                              train.adapter_sha256, publish.tag,
                              summary="loraflow: publish adapter")
     except hf.HfHubHTTPError as exc:
