@@ -15,7 +15,7 @@ Nothing here imports torch: preflight runs it in seconds on any machine.
 - The GPUs are read with nvidia-smi (NVML); without one, nothing is compared.
 
 The constants below were fixed before the estimate was measured on a GPU (see
-docs/benchmarks_gpu.md for where each comes from and the comparison).
+docs/benchmarks.md for where each comes from and the comparison).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from tasks import errors
 
 GiB = 1024 ** 3
 # ---------------------------------------------------------------------------- constants
-# Fixed before any GPU measurement of this estimate (docs/benchmarks_gpu.md).
+# Fixed before any GPU measurement of this estimate (docs/benchmarks.md).
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
                "float32": 4, "float16": 2, "bfloat16": 2}

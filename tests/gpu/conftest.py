@@ -4,7 +4,7 @@ them in milliseconds; nvidia-smi is looked for before torch is imported).
 Random-weight Llama checkpoints of the real shapes are built once per session on the GPU
 and saved as safetensors, so the code under test reads weights exactly as it would
 read a downloaded snapshot. With LORAFLOW_GPU_RESULTS=DIR, each test appends what it
-measured to DIR/results.jsonl (docs/benchmarks_gpu.md is written from it).
+measured to DIR/results.jsonl (docs/benchmarks.md is written from it).
 """
 from __future__ import annotations
 
