@@ -13,14 +13,26 @@ PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" $(PIP_QUIET)
-	$(VENV)/bin/pip install -q -e '.[test]' $(PIP_QUIET)
+	$(VENV)/bin/pip install -q -e '.[test,browser]' $(PIP_QUIET)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/loraflow demo
 
+# Browser tests (marker `browser`) drive Debian's chromium through Playwright; without it
+# they are skipped, loudly, and with CI=true a missing chromium fails the run.
+CHROMIUM ?= /usr/bin/chromium
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	@if [ -x "$(CHROMIUM)" ]; then \
+	  echo "browser tests: on, with $$($(CHROMIUM) --version 2>/dev/null | head -1)"; \
+	else \
+	  echo "######################################################################"; \
+	  echo "## BROWSER TESTS SKIPPED: no $(CHROMIUM) (apt-get install chromium)"; \
+	  echo "######################################################################"; \
+	  if [ "$$CI" = "true" ]; then echo "CI=true: chromium is required"; exit 1; fi; \
+	fi
+	LORAFLOW_CHROMIUM=$(CHROMIUM) $(VENV)/bin/python -m pytest tests
 
 test-gpu: $(STAMP)
 	$(VENV)/bin/python -m pytest -m gpu tests/gpu

@@ -1,0 +1,131 @@
+"""A user runs a deployment from the Prefect UI, in headless Chromium, and changes a field.
+
+The UI is the one `prefect server start` serves (offline, from the package); the form is
+rendered from the flow's typed parameters. The test sets lora.r in it, clicks Submit,
+waits for the worker's run to complete and reads adapter_config.json back from localhub.
+
+Chromium is Debian's (/usr/bin/chromium, `apt-get install chromium`), driven by
+Playwright from PyPI; `playwright install` (a download) is never run. Without chromium
+the test is skipped — loudly, and as a failure when CI=true.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from deploy_stack import get_stack
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("LORAFLOW_CHROMIUM", "/usr/bin/chromium"))
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+REPO = "loraflow-demo/ui-check"
+RANK = 6  # the quickstart preset's lora.r is 8
+# LORAFLOW_SCREENSHOTS=docs refreshes the screenshots the docs show.
+SHOTS = Path(os.environ["LORAFLOW_SCREENSHOTS"]) if os.environ.get("LORAFLOW_SCREENSHOTS") \
+    else Path(tempfile.mkdtemp(prefix="loraflow-shots-"))
+
+
+def _require_chromium():
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        missing = "playwright is not installed (pip install -e '.[browser]')"
+    else:
+        missing = None if CHROMIUM.exists() else f"{CHROMIUM} not found (apt-get install chromium)"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run on CI: {missing}")
+        pytest.skip(f"BROWSER TESTS SKIPPED: {missing}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def stack(request, hub, browser):
+    return get_stack(request, hub)
+
+
+def _property(page, label: str, inside=None):
+    """The innermost schema-form property whose own label is `label`."""
+    scope = inside or page
+    return scope.locator(
+        f"xpath=.//div[contains(@class,'schema-form-property')]"
+        f"[./div[contains(@class,'p-label__header')]//span[contains(@class,"
+        f"'schema-form-property__label') and normalize-space()='{label}']]").first
+
+
+def test_run_from_the_ui_form_with_a_changed_lora_rank(stack, browser, hub):
+    deployment = stack.deploy_variant("ui-check", profile={"publish": {"repo_id": REPO}})
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(f"{stack.ui}/deployments/deployment/{deployment['id']}/run")
+        lora = _property(page, "Lora (Optional)")
+        rank = _property(page, "R (Optional)", inside=lora).locator("input")
+        rank.wait_for(timeout=30_000)
+        assert rank.input_value() == "8"
+        # Closed choices are dropdowns, every field carries its description.
+        assert "LoraConfig.r: the adapter rank." in lora.inner_text()
+        dtype = _property(page, "Dtype (Optional)")
+        assert dtype.locator("button.p-select-button__control").inner_text() == "float32"
+        rank.fill(str(RANK))
+        rank.blur()
+        lora.scroll_into_view_if_needed()
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "ui-run-form.png"))
+
+        assert stack.runs_of(deployment["id"]) == []
+        answers = []
+        page.on("response", lambda r: answers.append(f"{r.status} {r.url}: {r.text()[:2000]}")
+                if "create_flow_run" in r.url else None)
+        page.get_by_role("button", name="Submit").click()
+        try:  # the UI creates the run, then goes back to the deployment's page
+            stack.wait_for(lambda: stack.runs_of(deployment["id"]), 60, "the run from the UI")
+        except TimeoutError:
+            page.screenshot(path=str(SHOTS / "ui-submit-failed.png"), full_page=True)
+            raise AssertionError(f"no run from the UI; the server answered: {answers}")
+        (created,) = stack.runs_of(deployment["id"])
+        assert created["parameters"]["profile"]["lora"]["r"] == RANK
+        run = stack.wait_run(created["id"], timeout=300)
+        assert run["state_type"] == "COMPLETED", stack.logs_of(run["id"])[-3000:]
+
+        # What the user sees on the run's page: Completed, and the run's artifacts.
+        page.goto(f"{stack.ui}/runs/flow-run/{run['id']}")
+        page.get_by_text("Completed").first.wait_for(timeout=30_000)
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(SHOTS / "ui-flow-run.png"))
+    finally:
+        page.close()
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(endpoint=hub.url, token=hub.token("demo"))
+    head = api.list_repo_commits(REPO)[0].commit_id
+    config = json.loads(Path(hf_hub_download(
+        REPO, "adapter_config.json", revision=head, endpoint=hub.url, token=hub.token("demo"),
+        cache_dir=tempfile.mkdtemp())).read_text())
+    assert config["r"] == RANK
+
+    # The run's artifacts: training progress (updated while it trained), report, link.
+    kinds = {a["key"]: a for a in stack.artifacts(run["id"])}
+    prefix = REPO.replace("/", "-")
+    progress = kinds[f"{prefix}-training-progress"]
+    assert progress["type"] == "progress" and progress["data"] == 100.0
+    assert REPO in kinds[f"{prefix}-report"]["data"]
+    assert head in kinds[f"{prefix}-hub-commit"]["data"]  # the link to the Hub commit
