@@ -15,13 +15,24 @@ import pytest
 from flows.cli import run_profile
 from profiles.loader import load_profile
 
-REPO = "loraflow-demo/tiny-llama-instruct-lora"
+REPO = "loraflow-demo/e2e-adapter"  # this module's own repo: its tags start at v1
 BASE = "tinylabs/tiny-llama"
 
 
 def _run(as_user, user="demo", overrides=()):
     with as_user(user):
-        return run_profile("quickstart", load_profile("quickstart", list(overrides)))
+        return run_profile("quickstart", load_profile("quickstart",
+                                                      [f"publish.repo_id={REPO}", *overrides]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_home(session_dir):
+    """A LORAFLOW_HOME of this module's own: its first run is cold whatever ran before."""
+    old = os.environ["LORAFLOW_HOME"]
+    home = session_dir / "loraflow-e2e"
+    os.environ["LORAFLOW_HOME"] = str(home)
+    yield home
+    os.environ["LORAFLOW_HOME"] = old
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +49,7 @@ def _api(hub, user="demo"):
 
 
 def test_reader_without_gated_access_gets_a_typed_error_and_downloads_nothing(hub, as_user,
-                                                                               session_dir):
+                                                                               own_home):
     report = _run(as_user, user="reader")
     assert report["status"] == "failed"
     assert report["steps"]["preflight"]["state"] == "failed"
@@ -49,8 +60,7 @@ def test_reader_without_gated_access_gets_a_typed_error_and_downloads_nothing(hu
     downloads = [r for r in hub.requests() if r["user"] == "reader" and "/resolve/" in r["path"]
                  and r["status"] < 400]
     assert downloads == []
-    assert not (session_dir / "loraflow" / "downloads").exists() or not any(
-        (session_dir / "loraflow" / "downloads").iterdir())
+    assert not (own_home / "downloads").exists() or not any((own_home / "downloads").iterdir())
 
 
 def test_every_step_completes_and_the_loss_falls(first_run, hub):
@@ -151,7 +161,8 @@ def test_changing_lora_r_retrains_only_and_token_never_leaks(first_run, hub, as_
     token = hub.token("demo").encode()
     out, err = capfd.readouterr()
     assert token not in out.encode() and token not in err.encode()
-    leaks = [str(p) for root in (session_dir / "prefect", session_dir / "loraflow")
+    leaks = [str(p) for root in (session_dir / "prefect", session_dir / "loraflow",
+                                 session_dir / "loraflow-e2e")
              for p in root.rglob("*") if p.is_file() and token in p.read_bytes()]
     assert leaks == []
     with tempfile.TemporaryDirectory() as tmp:
