@@ -258,6 +258,12 @@ def test_two_processes_started_together_train_once(hub, tmp_path):
     overrides = ["training.max_steps=40", "training.save_steps=20",
                  "publish.repo_id=loraflow-demo/caching-concurrent"]
     env = _env_for_process(hub, LORAFLOW_HOME=home, PREFECT_HOME=prefect_home)
+    # Create the shared Prefect database first: two ephemeral servers migrating one new
+    # SQLite file at the same moment can crash one of them (Prefect's start-up, not
+    # loraflow's caching, which is what this test is about).
+    subprocess.run([sys.executable, "-c", "from prefect import flow\n"
+                    "flow(name='warm-up')(lambda: None)()"], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)
     start = time.monotonic()
     procs = [subprocess.Popen(_cli_cmd(overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -270,6 +276,8 @@ def test_two_processes_started_together_train_once(hub, tmp_path):
     for p, r in zip(procs, readers):
         p.wait(timeout=500)
         r.join(timeout=10)
+    assert all(out.strip() for out in outs), "a process printed no report:\n" + "\n".join(
+        line for log in logs for _, line in log[-40:])
     reports = [_last_json(out) for out in outs]
     states = [_states(r) for r in reports]
     for step in CACHED_STEPS:  # one process computed each step, the other reused it
