@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from flows.finetune import (StepRecorder, TRAINING_LIMIT, _empty_report, _print_
 from profiles.loader import apply_override
 from profiles.schema import Profile
 from tasks.errors import ProfileError
+from tasks.launch import visible_gpus
 
 
 @flow(name="loraflow-train-variant", log_prints=True)
@@ -60,15 +60,6 @@ def variant_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
     for key, value in overrides.items():
         apply_override(data, f"{key}={json.dumps(value)}")
     return Profile.model_validate(data)
-
-
-def visible_gpus() -> int:
-    """GPUs this machine shows (nvidia-smi), without importing torch."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return len(re.findall(r"^GPU \d+", out.stdout, re.M)) if out.returncode == 0 else 0
 
 
 def ensure_training_limit(slots: int) -> None:
