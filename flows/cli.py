@@ -66,6 +66,9 @@ def _summary(report: dict) -> str:
     if report["status"] != "completed":
         err = report["error"] or {}
         return f"\nloraflow: run failed — {err.get('type')}: {err.get('message')}"
+    if report.get("hub") is None:  # publish.when on_approval: trained, not yet published
+        run_dir = str(Path(report["adapter"]["path"]).parent)
+        return f"\nTrained; awaiting approval. Publish it with: loraflow publish {run_dir}"
     hub, adapter, m = report["hub"], report["adapter"], report["metrics"]
     steps = ", ".join(f"{k} {v['state']}" for k, v in report["steps"].items())
     eval_loss = "n/a" if m.get("eval_loss") is None else f"{m['eval_loss']:.3f}"
