@@ -1,4 +1,5 @@
-"""Deterministic seeding: users, orgs, `tinylabs/tiny-llama` (gated) and `tinylabs/tiny-instruct`.
+"""Deterministic seeding: users, orgs, `tinylabs/tiny-llama` (gated) and `tinylabs/tiny-instruct`;
+`tinylabs/tiny-bert`, `tinylabs/tiny-t5` and `tinylabs/tiny-tasks` for the other task types.
 
 `seed(root)` is idempotent: on an already-seeded root it writes nothing and returns the same dict.
 Tokens, file bytes, commit dates and therefore commit shas are identical on every machine.
@@ -10,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from localhub import seed_data
+from localhub import seed_data, seed_models
 from localhub.auth import User, Users
 from localhub.store import DEFAULT_GITATTRIBUTES, Operation, RepoMeta, Store, commit_sha, make_entry
 
@@ -55,6 +56,19 @@ def seed_repos() -> list[SeedRepo]:
         SeedRepo(
             RepoMeta("dataset", "tinylabs/tiny-instruct", private=False, gated=False, created_at=CREATED_AT),
             seed_data.dataset_files(), frozenset(), "Add tiny-instruct dataset",
+        ),
+        # The task-type seeds (localhub/seed_models.py): classification, tagging, seq2seq.
+        SeedRepo(
+            RepoMeta("model", "tinylabs/tiny-bert", private=False, gated=False, created_at=CREATED_AT),
+            seed_models.bert_files(), frozenset({"model.safetensors"}), "Add tiny BERT model and tokenizer",
+        ),
+        SeedRepo(
+            RepoMeta("model", "tinylabs/tiny-t5", private=False, gated=False, created_at=CREATED_AT),
+            seed_models.t5_files(), frozenset({"model.safetensors"}), "Add tiny T5 model and tokenizer",
+        ),
+        SeedRepo(
+            RepoMeta("dataset", "tinylabs/tiny-tasks", private=False, gated=False, created_at=CREATED_AT),
+            seed_models.tasks_dataset_files(), frozenset(), "Add tiny-tasks dataset",
         ),
     ]
 
