@@ -28,12 +28,13 @@ TAG_NAMES = ("O", "COLOR", "NUM")
 def classification_rows() -> list[dict]:
     """256 rows {text, label}: label `colorful` when a colour word appears, else `plain`.
 
-    Half of each, interleaved in a shuffled order; 3–7 words per text.
+    Half of each, in a shuffled order; 2–4 words per text (a tiny random BERT pools a
+    short text's words strongly enough to learn the rule in a few dozen steps).
     """
     rs = np.random.RandomState(20250102)
     rows = []
     for i in range(256):
-        n = int(rs.randint(3, 8))
+        n = int(rs.randint(2, 5))
         words = [(NOUNS + FILLERS)[int(j)] for j in rs.randint(0, len(NOUNS) + len(FILLERS), size=n)]
         colorful = i % 2 == 0
         if colorful:
@@ -236,12 +237,21 @@ def bert_config_json(vocab: dict[str, int]) -> bytes:
 
 def bert_tensors(vocab_size: int) -> dict[str, np.ndarray]:
     """Random float32 weights named as transformers' BertModel saves them: Normal(0, 0.02) for
-    embeddings and linear weights, zero biases, LayerNorm ones/zeros."""
+    the embeddings, Normal(0, 1/sqrt(in_features)) for linear weights, zero biases, LayerNorm
+    ones/zeros.
+
+    With BERT's own 0.02 everywhere, attention and feed-forward outputs are a few percent of the
+    residual stream, so [CLS] barely depends on the other words and a classifier on it stalls at
+    ln 2 for dozens of steps; at 1/sqrt(in_features) the blocks mix the words from the start.
+    Measured on the classification rows, r=8, lr 3e-3, batch 16: loss 0.71 → 0.37 in 30 steps,
+    against 0.70 → 0.57 with 0.02.
+    """
     rs = np.random.RandomState(4321)
     h, f = BERT_HIDDEN, BERT_INTERMEDIATE
 
-    def normal(*shape: int) -> np.ndarray:
-        return (rs.standard_normal(shape) * 0.02).astype(np.float32)
+    def normal(*shape: int, std: float | None = None) -> np.ndarray:
+        std = shape[1] ** -0.5 if std is None else std
+        return (rs.standard_normal(shape) * std).astype(np.float32)
 
     def zeros(n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)
@@ -249,9 +259,9 @@ def bert_tensors(vocab_size: int) -> dict[str, np.ndarray]:
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
 
-    t = {"embeddings.word_embeddings.weight": normal(vocab_size, h),
-         "embeddings.position_embeddings.weight": normal(BERT_POSITIONS, h),
-         "embeddings.token_type_embeddings.weight": normal(2, h),
+    t = {"embeddings.word_embeddings.weight": normal(vocab_size, h, std=0.02),
+         "embeddings.position_embeddings.weight": normal(BERT_POSITIONS, h, std=0.02),
+         "embeddings.token_type_embeddings.weight": normal(2, h, std=0.02),
          "embeddings.LayerNorm.weight": ones(h), "embeddings.LayerNorm.bias": zeros(h)}
     for i in range(BERT_LAYERS):
         p = f"encoder.layer.{i}."

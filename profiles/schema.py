@@ -44,9 +44,12 @@ class ModelSection(_Section):
                     "pretrained_model_name_or_path), e.g. meta-llama/Llama-3.2-1B.")
     revision: str = Field("main", description="Branch, tag or commit of the base model "
                           "(from_pretrained's revision). Resolved to a commit sha by preflight.")
-    task: Literal["causal-lm"] = Field(
-        "causal-lm", description="What the model is trained for: picks the Auto class "
-        "(AutoModelForCausalLM) and peft's task_type (CAUSAL_LM).")
+    task: Literal["causal-lm", "seq-classification", "token-classification", "seq2seq-lm"] = Field(
+        "causal-lm", description="What the model is trained for: picks the Auto class and "
+        "peft's task_type (tasks/task_types.py): causal-lm (AutoModelForCausalLM, CAUSAL_LM), "
+        "seq-classification (AutoModelForSequenceClassification, SEQ_CLS), "
+        "token-classification (AutoModelForTokenClassification, TOKEN_CLS), seq2seq-lm "
+        "(AutoModelForSeq2SeqLM, SEQ_2_SEQ_LM). data.format must fit it.")
     dtype: Dtype = Field("auto", description="Weight dtype (from_pretrained's dtype). "
                          "auto: bfloat16 on a GPU that supports it, float32 on CPU.")
     device_map: Optional[Union[Literal["auto", "cpu", "cuda"], dict[str, Union[int, str]]]] = Field(
@@ -158,16 +161,22 @@ class DataSection(_Section):
         None, description="load_dataset's data_files inside a Hub dataset repo, e.g. "
         "data/chat.jsonl. null: the repo's default configuration.")
     split: str = Field("train", description="load_dataset's split.")
-    format: Literal["alpaca", "chat", "prompt-completion", "text"] = Field(
+    format: Literal["alpaca", "chat", "prompt-completion", "text", "text-label", "tokens-tags",
+                    "input-target"] = Field(
         "alpaca", description="Row layout: alpaca {instruction, input, output}; chat "
         "{messages} rendered with the tokenizer's chat template; prompt-completion "
-        "{prompt, completion}; text {text}.")
+        "{prompt, completion}; text {text} (these four for causal-lm); text-label {text, label} for seq-classification; tokens-tags "
+        "{tokens: [word, …], tags: [tag, …]} for token-classification; input-target "
+        "{input, target} for seq2seq-lm. Label and tag names are collected from the data.")
     mask_prompt: bool = Field(True, description="Exclude prompt tokens from the loss "
                               "(labels = -100), so only responses are learned.")
     max_length: int = Field(512, gt=8, description="Tokens per example; longer ones are "
                             "truncated (tokenizer truncation max_length).")
     eval_split: float = Field(0.1, ge=0.0, lt=0.5, description="Fraction held out for "
                               "evaluation (Dataset.train_test_split test_size); 0 = none.")
+    padding_side: Literal["right", "left"] = Field(
+        "right", description="The tokenizer's padding_side when batches are padded: right "
+        "(the usual for training), or left.")
 
 
 class TrainingSection(_Section):
@@ -258,6 +267,19 @@ class Profile(_Section):
             raise ValueError("quantization.compute_dtype: float32 weights with a "
                              f"{self.quantization.compute_dtype} compute dtype. Fix: set "
                              "model.dtype to bfloat16/auto or compute_dtype to float32.")
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_format(self) -> "Profile":
+        from tasks.task_types import TASKS
+
+        fits = TASKS[self.model.task].formats
+        if self.data.format not in fits:
+            users = [t.name for t in TASKS.values() if self.data.format in t.formats]
+            raise ValueError(
+                f"data.format: '{self.data.format}' rows do not fit model.task "
+                f"{self.model.task}, which trains on {' or '.join(fits)} rows. Fix: set "
+                f"data.format to {' or '.join(fits)}, or model.task to {' or '.join(users)}.")
         return self
 
 

@@ -1,8 +1,14 @@
-"""prepare_dataset: rows → (prompt, completion) → token ids with prompt masking.
+"""prepare_dataset: rows → (prompt, completion) → token ids with prompt masking, or the
+rows of the other task types (tasks/task_types.py) → inputs and labels.
 
 Formats: alpaca {instruction, input, output}; chat {messages} through the tokenizer's
 chat template (the last assistant turn is the completion); prompt-completion
-{prompt, completion}; text {text}. The result (train + optional eval split) is saved
+{prompt, completion}; text {text} — causal-lm, all four. text-label {text, label}
+(seq-classification: the label's index), tokens-tags {tokens, tags} (token-classification:
+word-level tags on each word's first sub-word token, -100 on the others), input-target
+{input, target} (seq2seq-lm: the target's ids, ending with EOS, as labels). Label and tag
+names are collected from the rows (sorted) and travel in the manifest, where training
+sizes the classification head from them. The result (train + optional eval split) is saved
 with `save_to_disk` under LORAFLOW_HOME/datasets/<key>/, written aside and moved into
 place whole, so a run killed while tokenizing leaves nothing that looks finished.
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from prefect import task
 from pydantic import BaseModel
@@ -25,12 +32,16 @@ from tasks.caching import cache_key, changed_files, code_inputs, read_manifest, 
 from tasks.download import SnapshotManifest
 from tasks.preflight import DatasetRef
 from tasks.retry import TRANSIENT_RETRIES
+from tasks.task_types import IGNORE_INDEX
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response "
                  "that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
                  "{input_block}### Response:\n")
 REQUIRED_COLUMNS = {"alpaca": {"instruction", "output"}, "chat": {"messages"},
-                    "prompt-completion": {"prompt", "completion"}, "text": {"text"}}
+                    "prompt-completion": {"prompt", "completion"}, "text": {"text"},
+                    "text-label": {"text", "label"}, "tokens-tags": {"tokens", "tags"},
+                    "input-target": {"input", "target"}}
+CAUSAL_FORMATS = ("alpaca", "chat", "prompt-completion", "text")
 
 
 class DatasetManifest(BaseModel):
@@ -40,6 +51,7 @@ class DatasetManifest(BaseModel):
     num_train: int
     num_eval: int
     train_tokens: int
+    labels: Optional[list[str]] = None  # label / tag names (index = class id), classification
 
 
 def _is_tokenizer_file(name: str) -> bool:
@@ -105,6 +117,56 @@ def tokenize_example(prompt: str, completion: str, tokenizer, max_length: int,
             "attention_mask": [1] * len(input_ids)}
 
 
+def label_names(values) -> list[str]:
+    """The distinct labels as strings, in a fixed order: numerically when all are
+    integers (0, 1, 2, … keep their ids), else alphabetically."""
+    distinct = set(values)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in distinct):
+        return [str(v) for v in sorted(distinct)]
+    return sorted(str(v) for v in distinct)
+
+
+def _ensure_eos(ids: list[int], tokenizer, max_length: int) -> list[int]:
+    """Target ids that end with EOS (within max_length), so generation learns to stop."""
+    eos = tokenizer.eos_token_id
+    if eos is None or (ids and ids[-1] == eos):
+        return ids
+    return ids[:max_length - 1] + [eos]
+
+
+def encode_row(row: dict, fmt: str, tokenizer, max_length: int, label2id: dict) -> dict:
+    """One row of a non-causal format → input_ids, attention_mask and labels.
+
+    Raises:
+        DatasetError: a tokens-tags row whose tokens and tags differ in length.
+    """
+    if fmt == "text-label":
+        enc = tokenizer(row["text"], truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": label2id[str(row["label"])]}
+    if fmt == "tokens-tags":
+        words, tags = list(row["tokens"]), list(row["tags"])
+        if len(words) != len(tags):
+            raise errors.DatasetError(
+                f"data.format tokens-tags: a row has {len(words)} tokens and {len(tags)} "
+                f"tags ({words[:5]}…). Fix: give exactly one tag per token in every row.")
+        enc = tokenizer(words, is_split_into_words=True, truncation=True,
+                        max_length=max_length)
+        labels, previous = [], None
+        for word in enc.word_ids():
+            # The tag goes on a word's first piece; later pieces and specials are skipped.
+            labels.append(IGNORE_INDEX if word is None or word == previous
+                          else label2id[str(tags[word])])
+            previous = word
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": labels}
+    enc = tokenizer(row["input"], truncation=True, max_length=max_length)
+    target = tokenizer(text_target=row["target"], truncation=True,
+                       max_length=max_length)["input_ids"]
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": _ensure_eos(target, tokenizer, max_length)}
+
+
 def load_rows(data: DataSection, source: DatasetRef):
     """The raw rows through `datasets`: a Hub repo at its commit, or a local file."""
     settings.prepare_client_environment()
@@ -130,7 +192,8 @@ def load_rows(data: DataSection, source: DatasetRef):
 
 def _result(out: Path, manifest: dict) -> DatasetManifest:
     return DatasetManifest(path=str(out), key=out.name, num_train=manifest["num_train"],
-                           num_eval=manifest["num_eval"], train_tokens=manifest["train_tokens"])
+                           num_eval=manifest["num_eval"], train_tokens=manifest["train_tokens"],
+                           labels=manifest.get("labels"))
 
 
 def run_prepare_dataset(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
@@ -154,14 +217,29 @@ def run_prepare_dataset(data: DataSection, source: DatasetRef, snapshot: Snapsho
         raise errors.DatasetError("data.format chat: the base model's tokenizer has no chat "
                                   "template. Fix: use format alpaca or prompt-completion.")
 
+    if data.format == "tokens-tags" and not tokenizer.is_fast:
+        raise errors.DatasetError("data.format tokens-tags: aligning word tags to sub-word "
+                                  "tokens needs a fast tokenizer (tokenizer.json), and the "
+                                  "base model has none. Fix: use a base with tokenizer.json.")
+    labels = None
+    if data.format == "text-label":
+        labels = label_names(rows["label"])
+    elif data.format == "tokens-tags":
+        labels = label_names(t for tags in rows["tags"] for t in tags)
+    label2id = {name: i for i, name in enumerate(labels or [])}
+
     def encode(row: dict) -> dict:
+        if data.format not in CAUSAL_FORMATS:
+            return encode_row(row, data.format, tokenizer, data.max_length, label2id)
         prompt, completion = format_example(row, data.format, tokenizer)
         return tokenize_example(prompt, completion, tokenizer, data.max_length,
                                 data.mask_prompt and data.format != "text")
 
     tokenized = rows.map(encode, remove_columns=rows.column_names, desc="tokenize")
-    tokenized = tokenized.filter(lambda r: any(label != -100 for label in r["labels"]),
-                                 desc="drop rows with nothing to learn")
+    if data.format != "text-label":  # a class label is always learned
+        tokenized = tokenized.filter(
+            lambda r: any(label != IGNORE_INDEX for label in r["labels"]),
+            desc="drop rows with nothing to learn")
     if len(tokenized) == 0:
         raise errors.DatasetError(f"data.max_length: every example of {source.id} is all "
                                   "prompt at this length. Fix: raise data.max_length.")
@@ -179,7 +257,7 @@ def run_prepare_dataset(data: DataSection, source: DatasetRef, snapshot: Snapsho
         split["test"].save_to_disk(str(tmp / "eval"))
     train_tokens = sum(len(ids) for ids in train["input_ids"])
     info = {"num_train": len(train), "num_eval": len(split["test"]) if split else 0,
-            "train_tokens": train_tokens}
+            "train_tokens": train_tokens, "labels": labels}
     manifest = write_manifest(tmp, {"step": "dataset", **info,
                                     "inputs": dataset_inputs(data, source, snapshot, seed)})
     if out.exists():

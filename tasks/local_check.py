@@ -16,7 +16,7 @@ from profiles.schema import Profile
 from tasks import errors
 from tasks.caching import code_version, sha256_file, stable_hash
 from tasks.download import SnapshotManifest
-from tasks.train import TrainResult
+from tasks.train import RECORD, TrainResult
 
 PROBE = "Below is an instruction that describes a task. Write a response."
 MIN_EFFECT = 1e-5
@@ -46,17 +46,19 @@ def run_local_check(train: TrainResult, snapshot: SnapshotManifest,
     from transformers import AutoTokenizer
 
     from tasks.modeling import load_base_model
+    from tasks.task_types import probe_inputs, record_labels
 
     weights = Path(train.adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file() or sha256_file(weights) != train.adapter_sha256:
         raise errors.VerificationError(
             f"{weights} is gone or no longer has the sha256 training recorded. Fix: re-run "
             "the training (its cache entry is treated as a miss once the file changed).")
-    base = load_base_model(profile.model, profile.quantization, snapshot.local_dir)
+    base = load_base_model(profile.model, profile.quantization, snapshot.local_dir,
+                           labels=record_labels(Path(train.run_dir) / RECORD))
     model = PeftModel.from_pretrained(base, train.adapter_dir)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
-    inputs = tokenizer(PROBE, return_tensors="pt").to(model.device)
+    inputs = probe_inputs(profile.model.task, tokenizer, model, PROBE)
     with torch.no_grad():
         tuned = model(**inputs).logits.float()
         with model.disable_adapter():

@@ -136,18 +136,33 @@ def _block_prefix(tensors: TensorSpecs) -> Optional[str]:
     return max(indices, key=lambda p: len(indices[p])) if indices else None
 
 
+def _block_stacks(tensors: TensorSpecs) -> dict[str, int]:
+    """Every stack of repeated blocks and its length: one for a decoder (model.layers) or
+    an encoder (encoder.layer), two for an encoder-decoder (encoder.block, decoder.block).
+    A stack is a prefix with at least two indices, or the longest one."""
+    indices: dict[str, set] = {}
+    for name in tensors:
+        m = _BLOCK_RE.match(name)
+        if m:
+            indices.setdefault(m["prefix"], set()).add(m["index"])
+    primary = _block_prefix(tensors)
+    return {p: len(i) for p, i in indices.items() if len(i) >= 2 or p == primary}
+
+
 def linear_modules(tensors: TensorSpecs) -> list[Linear]:
-    """2-D `.weight` tensors as (out, in) linear modules; embeddings are excluded."""
-    prefix = _block_prefix(tensors)
+    """2-D `.weight` tensors as (out, in) linear modules; embeddings (and T5's
+    relative-position bias tables, also embeddings) are excluded."""
+    stacks = _block_stacks(tensors)
     out = []
     for name, (_, shape) in tensors.items():
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         module = name[: -len(".weight")]
-        if "embed" in module.rsplit(".", 1)[-1] or module.endswith("wte") \
+        leaf = module.rsplit(".", 1)[-1]
+        if "embed" in leaf or leaf.endswith("_bias") or module.endswith("wte") \
                 or module.endswith("wpe"):
             continue
-        in_block = prefix is not None and module.startswith(prefix + ".")
+        in_block = any(module.startswith(p + ".") for p in stacks)
         out.append(Linear(module, in_features=shape[1], out_features=shape[0],
                           in_block=in_block))
     return out
@@ -285,13 +300,14 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
 
     d = int(cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("n_embd"))
     f = int(cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner")
-            or 4 * d)
-    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
+            or cfg.get("d_ff") or cfg.get("encoder_ffn_dim") or 4 * d)
+    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
+                or cfg.get("encoder_attention_heads") or 1)
     vocab = int(cfg.get("vocab_size"))
     prefix = _block_prefix(tensors)
-    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or len(
-        {_BLOCK_RE.match(n)["index"] for n in tensors
-         if _BLOCK_RE.match(n) and _BLOCK_RE.match(n)["prefix"] == prefix}))
+    # An encoder-decoder (T5: num_layers + num_decoder_layers) runs both stacks.
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer")
+                 or sum(_block_stacks(tensors).values()))
     mode = "fp32" if (q.mode != "none" or dtype == "float32") else "mixed16"
     coef = ACTIVATIONS[mode]
     seq = profile.data.max_length
@@ -306,7 +322,12 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
         activations = tokens * (layers * act_elem * d + per_layer)
     else:
         activations = tokens * layers * per_layer
-    loss = tokens * vocab * LOSS_BYTES_PER_LOGIT
+    # The loss is over the vocabulary per token for the language-model tasks; a
+    # classification head has a handful of labels (per token, or per sequence).
+    task = profile.model.task
+    labels = len(cfg.get("id2label") or {}) or 2
+    per_token = {"seq-classification": labels / seq, "token-classification": labels}
+    loss = tokens * per_token.get(task, vocab) * LOSS_BYTES_PER_LOGIT
     adapter = adapter_params * ADAPTER_BYTES_PER_PARAM
     peak = training + adapter + activations + loss
     return MemoryEstimate(

@@ -17,6 +17,7 @@ from tasks.download import SnapshotManifest
 from tasks.hub import hub_api
 from tasks.modelcard import LINEAGE, card_metadata, lineage_manifest
 from tasks.publish import PublishResult, ensure_repo, push_bundle
+from tasks.task_types import head_kwargs, record_labels, task_type
 from tasks.train import RECORD, TrainResult
 
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template", "generation_config")
@@ -36,15 +37,17 @@ def merged_dtype(profile: Profile):
 
 def merge_adapter(train: TrainResult, snapshot: SnapshotManifest, profile: Profile) -> Path:
     """merge_and_unload over an unquantized 16-bit base → run_dir/merged/ (safetensors)."""
+    import transformers
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     out = Path(train.run_dir) / "merged"
     if (out / "config.json").is_file():
         return out
-    base = AutoModelForCausalLM.from_pretrained(snapshot.local_dir, dtype=merged_dtype(profile),
-                                                use_safetensors=True,
-                                                trust_remote_code=profile.model.trust_remote_code)
+    auto = getattr(transformers, task_type(profile.model.task).auto_class)
+    base = auto.from_pretrained(snapshot.local_dir, dtype=merged_dtype(profile),
+                                use_safetensors=True,
+                                trust_remote_code=profile.model.trust_remote_code,
+                                **head_kwargs(profile.model.task, record_labels(Path(train.run_dir) / RECORD)))
     merged = PeftModel.from_pretrained(base, train.adapter_dir).merge_and_unload()
     tmp = out.with_name("merged.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,6 +63,7 @@ def _merged_card(record: dict, repo_id: str, adapter_repo: str) -> str:
     from huggingface_hub import ModelCard
 
     base = record["base_model"]
+    auto = task_type(record["profile"]["model"].get("task", "causal-lm")).auto_class
     body = f"""
 # {repo_id}
 
@@ -68,8 +72,8 @@ def _merged_card(record: dict, repo_id: str, adapter_repo: str) -> str:
 loads without peft:
 
 ```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("{repo_id}")
+from transformers import {auto}
+model = {auto}.from_pretrained("{repo_id}")
 ```
 
 The adapter's card describes the training run in full; `{LINEAGE}` here is the same

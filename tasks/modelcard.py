@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 from tasks.plot import loss_curve_png
+from tasks.task_types import head_kwargs, task_type
 
 CARD, LINEAGE, LOSS_CURVE = "README.md", "loraflow.json", "loss_curve.png"
 # What the lineage manifest keeps from the run record: enough to reproduce the run.
 LINEAGE_KEYS = ("profile", "base_model", "dataset", "adapter", "metrics", "flow_run_id",
-                "flow_run_url", "train_key", "versions", "hardware")
+                "flow_run_url", "train_key", "versions", "hardware", "continued_from")
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -40,21 +41,31 @@ def card_metadata(record: dict, repo_id: str, relation: str = "adapter"):
     profile, base, data, metrics = (record["profile"], record["base_model"], record["dataset"],
                                     record["metrics"])
     quantized = profile["quantization"]["mode"] != "none"
+    pipeline_tag = task_type(profile["model"].get("task", "causal-lm")).pipeline_tag
     eval_results = None
     if metrics.get("eval_loss") is not None:
-        eval_results = [EvalResult(task_type="text-generation", dataset_type=data["id"],
+        eval_results = [EvalResult(task_type=pipeline_tag, dataset_type=data["id"],
                                    dataset_name=data["id"], metric_type="loss",
                                    metric_value=round(metrics["eval_loss"], 6),
                                    metric_name="eval loss")]
     return ModelCardData(
         base_model=base["repo_id"], base_model_relation=relation,
         library_name="peft" if relation == "adapter" else "transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=pipeline_tag,
         license=profile["publish"].get("license") or base.get("license"),
         datasets=[data["id"]] if data["source"] == "hub" else None,
         tags=["loraflow", "qlora" if quantized else "lora",
               f"base_model:{relation}:{base['repo_id']}"],
         model_name=repo_id, eval_results=eval_results)
+
+
+def _continued(record: dict) -> str:
+    """The Inputs line of a run that continued an adapter (model.id was an adapter repo)."""
+    src = record.get("continued_from")
+    if not src:
+        return ""
+    return (f"\n- Continued from adapter `{src['repo_id']}` at commit `{src['commit']}`: "
+            "training started from its weights, not a fresh adapter")
 
 
 def render_model_card(record: dict, repo_id: str) -> str:
@@ -64,6 +75,11 @@ def render_model_card(record: dict, repo_id: str) -> str:
     profile, base, data = record["profile"], record["base_model"], record["dataset"]
     metrics, adapter = record["metrics"], record["adapter"]
     quantized = profile["quantization"]["mode"] != "none"
+    task = profile["model"].get("task", "causal-lm")
+    auto = task_type(task).auto_class
+    # A classification head is sized by the label names the data had (index = class id).
+    head = head_kwargs(task, data.get("labels"))
+    head_args = "".join(f", {k}={v!r}" for k, v in head.items())
     data_pin = (f"`{data['id']}` at commit `{data['commit']}` (revision `{data['revision']}`)"
                 if data["source"] == "hub" else f"local file `{Path(data['id']).name}`, "
                 f"sha256 `{data['sha256']}`")
@@ -89,19 +105,19 @@ published by loraflow. Everything needed to reproduce the run is on this page an
 
 ```python
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto}, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{base['repo_id']}", revision="{base['commit']}")
+base = {auto}.from_pretrained("{base['repo_id']}", revision="{base['commit']}"{head_args})
 model = PeftModel.from_pretrained(base, "{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{base['repo_id']}", revision="{base['commit']}")
 ```
 
-With peft installed, `AutoModelForCausalLM.from_pretrained("{repo_id}")` loads the base
+With peft installed, `{auto}.from_pretrained("{repo_id}"{head_args})` loads the base
 and the adapter in one call.
 
 ## Inputs
 
-- Base model: `{base['repo_id']}` at commit `{base['commit']}`
+- Base model: `{base['repo_id']}` at commit `{base['commit']}`{_continued(record)}
 - Dataset: {data_pin}, format `{profile['data']['format']}`,
   {data['num_train']} training and {data['num_eval']} evaluation examples
 - Adapter weights sha256: `{adapter['sha256']}`

@@ -88,12 +88,27 @@ def keep_cpu_4bit_trainable(base) -> int:
     return changed
 
 
-def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: str):
-    """from_pretrained over the downloaded snapshot, safetensors only."""
-    from transformers import AutoModelForCausalLM
+def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: str,
+                    labels: list[str] | None = None):
+    """from_pretrained over the downloaded snapshot, safetensors only, with the Auto class
+    of model.task (tasks/task_types.py).
 
+    `labels`: the label / tag names a classification task collected from its data
+    (DatasetManifest.labels); they size the head (num_labels, id2label, label2id).
+
+    Raises:
+        ProfileError: the base's config.json cannot do model.task (checked before any
+            weight is read), or a library the loading options need is missing.
+    """
+    import transformers
+
+    from tasks.task_types import check_local_config, head_kwargs, task_type
+
+    check_local_config(model.task, local_dir)
+    auto = getattr(transformers, task_type(model.task).auto_class)
     try:
-        base = AutoModelForCausalLM.from_pretrained(local_dir, **load_kwargs(model, quant))
+        base = auto.from_pretrained(local_dir, **load_kwargs(model, quant),
+                                    **head_kwargs(model.task, labels))
     except ImportError as exc:
         raise errors.ProfileError(
             f"model.attn_implementation / quantization.mode: a library it needs is missing "

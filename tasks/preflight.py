@@ -228,6 +228,13 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
             "use quantization.mode int8 or none, or train on a GPU.")
 
 
+def check_task(api, profile: Profile, model: ModelRef) -> None:
+    """model.task is one the base can do, from its config.json (tasks/task_types.py)."""
+    from tasks.task_types import check_config
+
+    check_config(profile.model.task, model_config(api, model), model.repo_id)
+
+
 def check_memory(api, profile: Profile, model: ModelRef, gpus: list) -> memory.MemoryReport:
     """Target modules exist and the run fits the visible GPUs (headers only)."""
     tensors = model_tensors(api, model)
@@ -276,6 +283,7 @@ def run_preflight(profile: Profile) -> PreflightReport:
     api = hub_api()
     me = check_token(api)
     model = resolve_model(api, profile)
+    check_task(api, profile, model)
     dataset = resolve_dataset(api, profile)
     check_write_access(me, profile.publish.repo_id)
     check_disk(model.download_bytes)

@@ -145,7 +145,9 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     """transformers.Trainer with the profile's TrainingArguments (the one mapping)."""
     import datasets
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
+
+    from tasks.task_types import data_collator
 
     t = profile.training
     train_ds = datasets.load_from_disk(str(Path(dataset.path) / "train"))
@@ -184,8 +186,7 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         disable_tqdm=world()[0] != 0,
         **_distributed_arguments(profile, model),
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                      pad_to_multiple_of=8)
+    collator = data_collator(profile.model.task, tokenizer, model)  # labels padded with -100
     from tasks.progress import TrainingProgress  # the run's progress artifact in the UI
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                    data_collator=collator,
@@ -388,6 +389,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     from transformers import AutoTokenizer, set_seed
 
     from tasks.modeling import inject_adapter, load_base_model
+    from tasks.task_types import prepare_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -395,9 +397,9 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         (out / "inputs.json").write_text(json.dumps(train_inputs(profile, snapshot, dataset),
                                                     indent=1, sort_keys=True))
     set_seed(profile.training.seed)
-    tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # labels are -100 on padding anyway
+    # pad = EOS only where the tokenizer has no pad token; data.padding_side applied.
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(snapshot.local_dir),
+                                  profile.data.padding_side)
     model_section = profile.model
     if world_size > 1 and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -410,7 +412,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         # FSDP shards 4-bit weights only when they are stored in a float dtype; the
         # storage dtype does not change the numbers, so the compute dtype is used.
         quant = quant.model_copy(update={"quant_storage": quant.compute_dtype})
-    base = load_base_model(model_section, quant, snapshot.local_dir)
+    base = load_base_model(model_section, quant, snapshot.local_dir, labels=dataset.labels)
     model = inject_adapter(base, profile.lora, quant,
                            profile.training.gradient_checkpointing and not sharded, sharded)
     init_path = out / "adapter_init.safetensors"
@@ -492,7 +494,8 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
                        "license": preflight.base_model.license,
                        "files": snapshot.file_hashes()},
         "dataset": {**preflight.dataset.model_dump(mode="json"), "prepared_key": dataset.key,
-                    "num_train": dataset.num_train, "num_eval": dataset.num_eval},
+                    "num_train": dataset.num_train, "num_eval": dataset.num_eval,
+                    "labels": dataset.labels},
         "adapter": {"sha256": adapter_sha, "trainable_params": trainable,
                     "total_params": total},
         "metrics": metrics, "loss_history": losses,

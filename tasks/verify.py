@@ -7,6 +7,7 @@ must match the local adapter and differ from the bare base model.
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 from prefect import task
 from pydantic import BaseModel
@@ -17,7 +18,7 @@ from tasks.caching import stable_hash
 from tasks.download import SnapshotManifest
 from tasks.publish import PublishResult
 from tasks.retry import TRANSIENT_RETRIES
-from tasks.train import ADAPTER_FILES, TrainResult
+from tasks.train import ADAPTER_FILES, RECORD, TrainResult
 
 PROBE = "Below is an instruction that describes a task. Write a response."
 MATCH_TOLERANCE = 1e-5
@@ -42,17 +43,19 @@ def run_verify(publication: PublishResult, train: TrainResult, snapshot: Snapsho
     from transformers import AutoTokenizer
 
     from tasks.modeling import load_base_model
+    from tasks.task_types import probe_inputs, record_labels
 
     with tempfile.TemporaryDirectory() as empty_cache:
         hub_dir = snapshot_download(publication.repo_id, revision=publication.commit,
                                     allow_patterns=list(ADAPTER_FILES), cache_dir=empty_cache,
                                     endpoint=settings.hub_endpoint(), token=settings.hub_token())
-        base = load_base_model(profile.model, profile.quantization, snapshot.local_dir)
+        base = load_base_model(profile.model, profile.quantization, snapshot.local_dir,
+                               labels=record_labels(Path(train.run_dir) / RECORD))
         model = PeftModel.from_pretrained(base, train.adapter_dir, adapter_name="local")
         model.load_adapter(hub_dir, adapter_name="hub")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
-    inputs = tokenizer(PROBE, return_tensors="pt").to(model.device)
+    inputs = probe_inputs(profile.model.task, tokenizer, model, PROBE)
     with torch.no_grad():
         model.set_adapter("local")
         local = model(**inputs).logits.float()
