@@ -98,10 +98,12 @@ def train_steps(profile: Profile, step: StepRecorder, report: dict):
     from prefect.concurrency.sync import concurrency
 
     pre = step("preflight", preflight, profile=profile)
-    report["base_model"]["commit"] = pre.base_model.commit
+    report["base_model"] = {"repo_id": pre.base_model.repo_id, "commit": pre.base_model.commit}
+    if pre.adapter is not None:  # model.id is an adapter repo: training continues it
+        report["continued_from"] = {"repo_id": pre.adapter.repo_id, "commit": pre.adapter.commit}
     snapshot = step("download", cached(download_snapshot, download_key,
                                        download_is_cached_and_intact),
-                    model=pre.base_model)
+                    model=pre.base_model, adapter=pre.adapter)
     seed = profile.training.seed
     data = step("dataset", cached(prepare_dataset, dataset_key,
                                  dataset_is_cached_and_intact),

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from localhub import seed_data, seed_models
+from localhub import seed_adapters, seed_data, seed_models
 from localhub.auth import User, Users
 from localhub.store import DEFAULT_GITATTRIBUTES, Operation, RepoMeta, Store, commit_sha, make_entry
 
@@ -47,8 +47,8 @@ class SeedRepo:
 
 
 def seed_repos() -> list[SeedRepo]:
-    """The model and the dataset, with their files."""
-    return [
+    """The model and the dataset, with their files; the task-type seeds; a LoRA adapter for the model."""
+    repos = [
         SeedRepo(
             RepoMeta("model", "tinylabs/tiny-llama", private=False, gated="manual", created_at=CREATED_AT),
             seed_data.model_files(), frozenset({"model.safetensors"}), "Add tiny Llama model and tokenizer",
@@ -71,6 +71,13 @@ def seed_repos() -> list[SeedRepo]:
             seed_models.tasks_dataset_files(), frozenset(), "Add tiny-tasks dataset",
         ),
     ]
+    # An adapter repo (localhub/seed_adapters.py) whose adapter_config.json pins tiny-llama's seeded commit.
+    repos.append(SeedRepo(
+        RepoMeta("model", seed_adapters.ADAPTER_REPO, private=False, gated=False, created_at=CREATED_AT),
+        seed_adapters.adapter_files(expected_commits(repos[0])[1]), frozenset({"adapter_model.safetensors"}),
+        "Add a LoRA adapter for tiny-llama",
+    ))
+    return repos
 
 
 def expected_commits(repo: SeedRepo) -> tuple[str, str]:

@@ -75,6 +75,16 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(
         False, description="from_pretrained's trust_remote_code. Only with a pinned "
         "40-hex model.revision, so the code that runs is the code you reviewed.")
+    base_id: Optional[str] = Field(
+        None, description="Only when model.id is an adapter repo (adapter_config.json, no "
+        "config.json), whose training then continues: the base model it must sit on. null: "
+        "the base that adapter_config.json names; set: must equal it (a guard against "
+        "continuing an adapter made for another base).")
+    base_revision: Optional[str] = Field(
+        None, description="Only when model.id is an adapter repo: the base's branch, tag or "
+        "commit. null: the revision adapter_config.json names, else main; set: when the "
+        "adapter names a revision, both must resolve to the same commit. (model.revision is "
+        "then the adapter repo's revision.)")
 
     @field_validator("device_map")
     @classmethod
@@ -139,15 +149,181 @@ class QuantizationSection(_Section):
         "4-bit weights are stored as; bfloat16 lets FSDP shard them with bf16 weights.")
 
 
-class LoraSection(_Section):
-    """The LoRA adapter (peft.LoraConfig)."""
+PeftMethod = Literal["lora", "ia3", "loha", "lokr"]
+# Which lora.* fields each method takes; any other field must keep its default value.
+COMMON_LORA_FIELDS = {"method", "target_modules", "exclude_modules", "modules_to_save",
+                      "adapter_name", "autocast_adapter_dtype", "low_cpu_mem_usage"}
+METHOD_FIELDS = {
+    "lora": COMMON_LORA_FIELDS | {"r", "alpha", "dropout", "bias", "use_rslora", "use_dora",
+                                  "init", "layers_to_transform", "rank_pattern",
+                                  "alpha_pattern"},
+    "ia3": COMMON_LORA_FIELDS | {"feedforward_modules"},
+    "loha": COMMON_LORA_FIELDS | {"r", "alpha", "dropout", "module_dropout",
+                                  "layers_to_transform", "rank_pattern", "alpha_pattern"},
+    "lokr": COMMON_LORA_FIELDS | {"r", "alpha", "dropout", "module_dropout",
+                                  "layers_to_transform", "rank_pattern", "alpha_pattern"},
+}
+# A dropout of 0 is what a method without dropout does anyway: not refused.
+NEUTRAL = {"dropout": 0.0, "module_dropout": 0.0}
+METHOD_CONFIG = {"lora": "LoraConfig", "ia3": "IA3Config", "loha": "LoHaConfig",
+                 "lokr": "LoKrConfig"}
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
-    r: int = Field(8, gt=0, le=1024, description="LoraConfig.r: the adapter rank.")
-    alpha: int = Field(16, gt=0, description="LoraConfig.lora_alpha: scaling is alpha / r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoraConfig.lora_dropout.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="LoraConfig.target_modules: 'all-linear' or a list of "
-        "module names (e.g. [q_proj, v_proj]).")
+
+def _modules_value(value, field: str):
+    """A module selector: a non-empty list of names, or a regex string that compiles."""
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError(f"lora.{field}: {value!r} is not a list of module names. Fix: "
+                             "give names such as [q_proj, v_proj], or a regex string.")
+        return value
+    if isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"lora.{field}: '{value}' is not a valid regular expression "
+                             f"({exc}). Fix: escape the dots (\\.) or give a list of names."
+                             ) from None
+    return value
+
+
+class LoraSection(_Section):
+    """The adapter: which peft method, where it goes and how it is initialised.
+
+    The section keeps the name `lora` for every method. Fields that a method has no use
+    for must keep their default value (a set one is refused, naming the method).
+    """
+
+    method: PeftMethod = Field(
+        "lora", description="The peft method: lora (LoraConfig), ia3 (IA3Config: learned "
+        "scaling vectors), loha (LoHaConfig: Hadamard product), lokr (LoKrConfig: Kronecker "
+        "product).")
+    r: int = Field(8, gt=0, le=1024, description="LoraConfig.r / LoHaConfig.r / LoKrConfig.r: "
+                   "the adapter rank (lora, loha, lokr).")
+    alpha: int = Field(16, gt=0, description="LoraConfig.lora_alpha / LoHaConfig.alpha / "
+                       "LoKrConfig.alpha: scaling is alpha / r (alpha / sqrt(r) with "
+                       "use_rslora).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoraConfig.lora_dropout (lora); "
+                           "LoHaConfig/LoKrConfig.rank_dropout (loha, lokr). ia3 has none.")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoHaConfig/LoKrConfig."
+                                  "module_dropout (loha, lokr): the chance of skipping an "
+                                  "adapted module for a step.")
+    target_modules: Union[list[str], str] = Field(
+        "all-linear", description="target_modules: 'all-linear' (every linear layer of the "
+        "blocks, not the output head), a list of module names (e.g. [q_proj, v_proj]: a "
+        "module whose path ends with one), or a regex string matched against the full "
+        r"module path (e.g. '.*\.layers\.[01]\.self_attn\.(q|v)_proj').")
+    exclude_modules: Optional[Union[list[str], str]] = Field(
+        None, description="exclude_modules: modules left out of target_modules, as a list of "
+        "names or a regex string (same rules as target_modules).")
+    feedforward_modules: Optional[list[str]] = Field(
+        None, description="IA3Config.feedforward_modules (ia3): targeted modules whose input "
+        "(not output) is scaled; each must be a target. null: peft's default for the "
+        "architecture (down_proj for Llama).")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="LoraConfig.bias (lora): which biases train too: none, all, or "
+        "lora_only (those of the adapted layers).")
+    use_rslora: bool = Field(False, description="LoraConfig.use_rslora (lora): rank-stabilized "
+                             "scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="LoraConfig.use_dora (lora): weight-decomposed "
+                           "LoRA (a trained magnitude vector per adapted layer).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="LoraConfig.init_lora_weights (lora): default (True: B = 0, "
+        "the adapter starts as a no-op), gaussian, pissa or olora (start from the weights' "
+        "principal directions / QR; they modify the base weights in memory, and the saved "
+        "adapter is converted to a plain LoRA of rank 2r that loads on the original base).")
+    modules_to_save: Optional[list[str]] = Field(
+        None, description="modules_to_save: modules trained in full and saved with the "
+        "adapter (e.g. [lm_head]).")
+    layers_to_transform: Optional[list[int]] = Field(
+        None, description="layers_to_transform (lora, loha, lokr): only adapt these block "
+        "indices, e.g. [0, 1]. Needs target_modules 'all-linear' or a list.")
+    rank_pattern: Optional[dict[str, int]] = Field(
+        None, description="rank_pattern (lora, loha, lokr): a rank per module, {name or "
+        "regex: r}, e.g. {q_proj: 16}; other modules get r.")
+    alpha_pattern: Optional[dict[str, int]] = Field(
+        None, description="alpha_pattern (lora, loha, lokr): an alpha per module, {name or "
+        "regex: alpha}; other modules get alpha.")
+    adapter_name: str = Field(
+        "default", description="get_peft_model's adapter_name: the adapter's name inside the "
+        "model (several named adapters can live on one model). The saved files do not "
+        "depend on it.")
+    autocast_adapter_dtype: bool = Field(
+        True, description="get_peft_model's autocast_adapter_dtype: keep the adapter in "
+        "float32 over a float16/bfloat16 base (false: the base's dtype).")
+    low_cpu_mem_usage: bool = Field(
+        False, description="low_cpu_mem_usage of PeftModel.from_pretrained: create the "
+        "adapter's weights empty and fill them from the file. Only when model.id is an "
+        "adapter repo being continued (a fresh adapter has no file to fill them from).")
+
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _check_modules(cls, value, info):
+        return value if value is None else _modules_value(value, info.field_name)
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _check_pattern(cls, value, info):
+        for key, v in (value or {}).items():
+            if v <= 0:
+                raise ValueError(f"lora.{info.field_name}: {key}: {v} is not positive. Fix: "
+                                 "give each module a value above 0.")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"lora.{info.field_name}: key '{key}' is not a valid regular "
+                                 f"expression ({exc}). Fix: a module name or a regex.") from None
+        return value
+
+    @field_validator("adapter_name")
+    @classmethod
+    def _check_adapter_name(cls, value):
+        if not ADAPTER_NAME_RE.match(value):
+            raise ValueError(f"lora.adapter_name: '{value}' is not a plain name (it becomes "
+                             "a module attribute and a folder name). Fix: letters, digits, "
+                             "_ and -, starting with a letter or _.")
+        return value
+
+    @model_validator(mode="after")
+    def _method_checks(self) -> "LoraSection":
+        allowed = METHOD_FIELDS[self.method]
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if name not in allowed and value != field.default and value != NEUTRAL.get(name):
+                users = [m for m, f in METHOD_FIELDS.items() if name in f]
+                raise ValueError(
+                    f"lora.{name}: not an option of method {self.method} (peft's "
+                    f"{METHOD_CONFIG[self.method]} has no such setting; it belongs to "
+                    f"{', '.join(users)}). Fix: remove lora.{name}, or set lora.method to "
+                    f"{users[0]}.")
+        if self.layers_to_transform is not None:
+            if not self.layers_to_transform or any(i < 0 for i in self.layers_to_transform):
+                raise ValueError("lora.layers_to_transform: give block indices 0, 1, … (a "
+                                 "non-empty list). Fix: e.g. [0, 1], or null for all blocks.")
+            if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+                raise ValueError("lora.layers_to_transform: peft ignores it when "
+                                 "target_modules is a regex. Fix: put the layer indices in "
+                                 "the regex (e.g. '.*\\.layers\\.(0|1)\\..*_proj'), or give "
+                                 "target_modules as a list.")
+        if self.feedforward_modules is not None and isinstance(self.target_modules, list):
+            missing = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if missing:
+                raise ValueError(f"lora.feedforward_modules: {missing} are not in "
+                                 "lora.target_modules (IA3 scales only targeted modules). "
+                                 "Fix: add them to target_modules or remove them here.")
+        if self.init in ("pissa", "olora"):
+            if self.use_dora or self.modules_to_save:
+                what = "use_dora" if self.use_dora else "modules_to_save"
+                raise ValueError(
+                    f"lora.init: {self.init} adapters are saved converted to plain LoRA (so "
+                    f"they load on the unmodified base), and the conversion drops {what} "
+                    f"weights. Fix: set lora.init to default or gaussian, or remove lora.{what}.")
+            if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+                raise ValueError(
+                    f"lora.init: peft cannot convert a {self.init} adapter back to plain LoRA "
+                    "with use_rslora and rank_pattern/alpha_pattern together. Fix: drop "
+                    "use_rslora or the patterns, or set lora.init to default.")
+        return self
 
 
 class DataSection(_Section):
@@ -262,6 +438,14 @@ class Profile(_Section):
         if self.training.eval_steps and self.data.eval_split == 0:
             raise ValueError("training.eval_steps: evaluation needs held-out data. Fix: set "
                              "data.eval_split above 0, or training.eval_steps to null.")
+        if self.lora.init in ("pissa", "olora") and self.quantization.mode != "none":
+            raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights, and over a "
+                             f"{self.quantization.mode} base the adapter converted back to plain "
+                             "LoRA no longer reproduces the trained model. Fix: set lora.init "
+                             "to default or gaussian, or quantization.mode to none.")
+        if self.model.base_id is not None and not REPO_ID_RE.match(self.model.base_id):
+            raise ValueError(f"model.base_id: '{self.model.base_id}' is not a Hub repo id "
+                             "(namespace/name). Fix: use e.g. meta-llama/Llama-3.2-1B.")
         if self.quantization.mode in ("nf4", "fp4") and self.model.dtype == "float32" \
                 and self.quantization.compute_dtype != "float32":
             raise ValueError("quantization.compute_dtype: float32 weights with a "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Optional
 
 from prefect import task
 from pydantic import BaseModel
@@ -22,7 +23,7 @@ from tasks import errors, settings
 from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
                            write_manifest)
 from tasks.hub import hub_api
-from tasks.preflight import SNAPSHOT_PATTERNS, ModelRef
+from tasks.preflight import ADAPTER_PATTERNS, SNAPSHOT_PATTERNS, AdapterRef, ModelRef
 from tasks.retry import TRANSIENT_RETRIES
 
 FILES = "files"
@@ -35,6 +36,8 @@ class SnapshotManifest(BaseModel):
     commit: str
     local_dir: str
     files: dict[str, dict]
+    # The adapter the run continues (model.id is an adapter repo), downloaded beside.
+    adapter: Optional["SnapshotManifest"] = None
 
     def file_hashes(self, predicate=lambda name: True) -> dict[str, str]:
         return {n: m["sha256"] for n, m in sorted(self.files.items()) if predicate(n)}
@@ -46,12 +49,27 @@ def download_inputs(model: ModelRef) -> dict:
             "patterns": list(SNAPSHOT_PATTERNS), "code": code_inputs("tasks.download")}
 
 
-def download_key(model: ModelRef, **_) -> str:
-    return cache_key("download", download_inputs(model))
+def adapter_download_inputs(adapter: AdapterRef) -> dict:
+    """What keys an adapter's download: repo@commit, the adapter file patterns, code."""
+    return {"repo_id": adapter.repo_id, "commit": adapter.commit,
+            "patterns": list(ADAPTER_PATTERNS), "code": code_inputs("tasks.download")}
+
+
+def download_key(model: ModelRef, adapter: Optional[AdapterRef] = None, **_) -> str:
+    """The step's key: the base's download, and the adapter's when one is continued."""
+    key = cache_key("download", download_inputs(model))
+    if adapter is None:
+        return key
+    return cache_key("download", {"base": key, "adapter": adapter_download_inputs(adapter)})
 
 
 def download_dir(model: ModelRef) -> Path:
     return settings.loraflow_home() / "downloads" / download_key(model)
+
+
+def adapter_download_dir(adapter: AdapterRef) -> Path:
+    return (settings.loraflow_home() / "downloads"
+            / cache_key("download-adapter", adapter_download_inputs(adapter)))
 
 
 def _git_blob_sha1(path: Path) -> str:
@@ -112,7 +130,7 @@ def _verify(files_dir: Path, listing: dict, trusted: dict[str, str]) -> tuple[di
     return hashes, bad
 
 
-def _result(target: Path, manifest: dict, model: ModelRef) -> SnapshotManifest:
+def _result(target: Path, manifest: dict, model) -> SnapshotManifest:
     prefix = f"{FILES}/"
     files = {k.removeprefix(prefix): {"size": v["size"], "sha256": v["sha256"]}
              for k, v in manifest["files"].items() if k.startswith(prefix)}
@@ -120,9 +138,18 @@ def _result(target: Path, manifest: dict, model: ModelRef) -> SnapshotManifest:
                             local_dir=str(target / FILES), files=files)
 
 
-def run_download(model: ModelRef) -> SnapshotManifest:
-    """snapshot_download pinned to the commit, into LORAFLOW_HOME/downloads/<key>/files."""
-    target = download_dir(model)
+def run_download(model: ModelRef, adapter: Optional[AdapterRef] = None) -> SnapshotManifest:
+    """snapshot_download pinned to the commit, into LORAFLOW_HOME/downloads/<key>/files;
+    with `adapter`, that adapter repo's files too (manifest.adapter)."""
+    snapshot = _download(model, download_dir(model), SNAPSHOT_PATTERNS, download_inputs(model))
+    if adapter is not None:
+        snapshot.adapter = _download(adapter, adapter_download_dir(adapter), ADAPTER_PATTERNS,
+                                     adapter_download_inputs(adapter))
+    return snapshot
+
+
+def _download(model, target: Path, patterns: list[str], inputs: dict) -> SnapshotManifest:
+    """One repo (a ModelRef or AdapterRef: repo_id + commit) into target/files."""
     files_dir = target / FILES
     old = read_manifest(target)
     changed = changed_files(target, old) if old is not None else None
@@ -150,7 +177,7 @@ def run_download(model: ModelRef) -> SnapshotManifest:
         trusted.update((rel, h) for rel, h in hashes.items() if rel not in bad)
         for attempt in (1, 2):
             snapshot_download(model.repo_id, revision=model.commit,
-                              allow_patterns=SNAPSHOT_PATTERNS, local_dir=files_dir,
+                              allow_patterns=patterns, local_dir=files_dir,
                               endpoint=api.endpoint, token=api.token)
             hashes, bad = _verify(files_dir, listing, trusted)
             if not bad:
@@ -167,18 +194,20 @@ def run_download(model: ModelRef) -> SnapshotManifest:
                                          endpoint=settings.hub_endpoint()) from None
     manifest = write_manifest(
         target, {"step": "download", "repo_id": model.repo_id, "commit": model.commit,
-                 "inputs": download_inputs(model)},
+                 "inputs": inputs},
         include=lambda rel: rel.startswith(f"{FILES}/")
         and not rel.startswith(f"{FILES}/{HF_LOCAL_META}/"),
         known={f"{FILES}/{k}": v for k, v in hashes.items()})
     return _result(target, manifest, model)
 
 
-def download_is_cached_and_intact(model: ModelRef, **_) -> bool:
-    return changed_files(download_dir(model)) == []
+def download_is_cached_and_intact(model: ModelRef, adapter: Optional[AdapterRef] = None,
+                                  **_) -> bool:
+    return changed_files(download_dir(model)) == [] and (
+        adapter is None or changed_files(adapter_download_dir(adapter)) == [])
 
 
 @task(name="download", **TRANSIENT_RETRIES)
-def download_snapshot(model: ModelRef) -> SnapshotManifest:
+def download_snapshot(model: ModelRef, adapter: Optional[AdapterRef] = None) -> SnapshotManifest:
     """Prefect task: run_download, cached by download_key."""
-    return run_download(model)
+    return run_download(model, adapter)

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from profiles.schema import Profile
 from tasks import errors
+from tasks.adapters import adapter_param_count
 
 GiB = 1024 ** 3
 # ---------------------------------------------------------------------------- constants
@@ -172,8 +173,16 @@ def targeted(lora_targets, linears: list[Linear]) -> list[Linear]:
     """The modules peft's LoraConfig(target_modules=...) would wrap.
 
     all-linear: every linear layer except the output head (peft leaves lm_head out);
-    a list: modules whose name is an entry or ends with '.' + entry.
+    a list: modules whose name is an entry or ends with '.' + entry. Given the whole
+    lora section: also a regex, exclude_modules, layers_to_transform
+    (tasks.adapters.targeted_names).
     """
+    if hasattr(lora_targets, "target_modules"):
+        from tasks.adapters import targeted_names
+
+        chosen = set(targeted_names(lora_targets, [m.name for m in linears],
+                                    [m.name for m in linears if not m.in_block]))
+        return [m for m in linears if m.name in chosen]
     if lora_targets == "all-linear":
         return [m for m in linears if m.in_block]
     return [m for m in linears
@@ -181,7 +190,19 @@ def targeted(lora_targets, linears: list[Linear]) -> list[Linear]:
 
 
 def check_target_modules(lora_targets, tensors: TensorSpecs) -> None:
-    """Refuse target module names that match nothing, listing the names that exist."""
+    """Refuse target module names that match nothing, listing the names that exist.
+
+    Given the whole lora section: regexes, exclude_modules, layers_to_transform,
+    rank/alpha patterns and modules_to_save too (tasks.adapters.check_modules)."""
+    if hasattr(lora_targets, "target_modules"):
+        from tasks.adapters import check_modules
+
+        linears = linear_modules(tensors)
+        modules = {n.rsplit(".", 1)[0] for n in tensors if "." in n}
+        modules |= {m.rsplit(".", i)[0] for m in list(modules) for i in range(1, m.count(".") + 1)}
+        check_modules(lora_targets, [m.name for m in linears],
+                      [m.name for m in linears if not m.in_block], sorted(modules))
+        return
     if lora_targets == "all-linear":
         return
     linears = linear_modules(tensors)
@@ -295,8 +316,9 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
             # prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32.
             training += n * (4 if q.mode != "none" else elem)
 
-    targets = targeted(lora.target_modules, linears)
-    adapter_params = sum(lora.r * (m.in_features + m.out_features) for m in targets)
+    targets = targeted(lora, linears)
+    adapter_params = sum(adapter_param_count(lora, m.name, m.in_features, m.out_features)
+                         for m in targets)
 
     d = int(cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("n_embd"))
     f = int(cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner")
@@ -315,7 +337,10 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     first_layer = f"{prefix}.0." if prefix else ""
     layer_targets = [m for m in targets if m.name.startswith(first_layer)] if prefix else []
     eager = heads * seq if profile.model.attn_implementation == "eager" else 0
-    per_layer = _activation_per_token_layer(coef, d, f, layer_targets, lora.dropout, eager)
+    # The coefficients were measured with LoRA's input dropout; LoHa/LoKr's rank dropout
+    # and IA3 keep no dropout mask of the input.
+    dropout = lora.dropout if lora.method == "lora" else 0.0
+    per_layer = _activation_per_token_layer(coef, d, f, layer_targets, dropout, eager)
     act_elem = 4 if mode == "fp32" else 2
     if t.gradient_checkpointing:
         # Each layer keeps its input; backward recomputes one layer at a time.

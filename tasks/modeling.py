@@ -118,50 +118,50 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: 
     return base
 
 
-def lora_config(lora: LoraSection):
-    from peft import LoraConfig, TaskType
+def lora_config(lora: LoraSection, task: str = "causal-lm"):
+    """The peft config of the profile's adapter method (see tasks.adapters.peft_config)."""
+    from tasks.adapters import peft_config
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type=TaskType.CAUSAL_LM)
+    return peft_config(lora, task)
 
 
 def linear_module_names(model) -> list[str]:
     """Distinct leaf names of the model's linear layers (what target_modules can match)."""
-    import torch
+    from tasks.adapters import linear_module_names as names
 
-    names = {n.split(".")[-1] for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
-    return sorted(names)
+    return names(model)
 
 
-def check_target_modules(base, lora: LoraSection) -> None:
-    """Refuse target module names that match no linear layer, listing the ones that exist."""
-    if lora.target_modules == "all-linear":
-        return
-    available = linear_module_names(base)
-    unknown = [t for t in lora.target_modules if t not in available]
-    if unknown:
-        raise errors.ProfileError(
-            f"lora.target_modules: {unknown} match no linear module of {type(base).__name__}. "
-            f"Fix: use 'all-linear' or names from: {', '.join(available)}.")
+def check_target_modules(base, lora: LoraSection) -> list[str]:
+    """Refuse target/exclude selectors that match nothing, listing the linear modules
+    that exist (tasks.adapters.check_target_modules); returns the adapted module paths."""
+    from tasks.adapters import check_target_modules as check
+
+    return check(base, lora)
 
 
 def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
-                   gradient_checkpointing: bool, sharded: bool = False):
+                   gradient_checkpointing: bool, sharded: bool = False, *,
+                   task: str = "causal-lm", continue_from: str | None = None):
     """get_peft_model, with k-bit preparation for quantized bases.
+
+    `continue_from`: a saved adapter's directory; that adapter is loaded, trainable,
+    instead of a fresh one (tasks.adapters.attach_adapter).
 
     `sharded` (FSDP over a 4-bit base): FSDP flattens each wrapped block into one tensor
     of a single dtype, so nothing is upcast to fp32 (no k-bit preparation) and the
     adapter takes the quant storage dtype; FSDP does the activation checkpointing.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
+
+    from tasks.adapters import attach_adapter
 
     check_target_modules(base, lora)
     if quant.mode != "none" and not sharded:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base, lora_config(lora))
+    model = attach_adapter(base, lora, task, continue_from)
     if sharded:
         storage = torch_dtype(quant.quant_storage)
         for param in model.parameters():

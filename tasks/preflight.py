@@ -55,12 +55,27 @@ class DatasetRef(BaseModel):
         return self.commit or self.sha256 or ""
 
 
+class AdapterRef(BaseModel):
+    """The adapter a run continues, pinned: model.id when it is an adapter repo
+    (adapter_config.json and no config.json). Its base is the run's base_model."""
+    repo_id: str
+    revision: str
+    commit: str
+    method: str                 # lora.method of the adapter (from its peft_type)
+    base_id: str                # the base it sits on
+    base_revision: str          # the base revision preflight resolved
+    base_revision_from: Literal["adapter_config", "model.base_revision", "default"]
+    config: dict                # its adapter_config.json
+    download_bytes: int = 0
+
+
 class PreflightReport(BaseModel):
     user: str
     base_model: ModelRef
     dataset: DatasetRef
     target_repo: str
     memory: Optional[MemoryReport] = None
+    adapter: Optional[AdapterRef] = None  # set when training continues an adapter
 
 
 def check_token(api) -> dict:
@@ -97,9 +112,13 @@ def check_write_access(me: dict, repo_id: str) -> None:
             f"write ({', '.join(sorted(n for n in allowed if n))}).", repo_id=repo_id)
 
 
-def resolve_model(api, profile: Profile) -> ModelRef:
-    """Revision → commit sha, gated access, safetensors present, architecture, license."""
+def resolve_model(api, profile: Profile, adapter: Optional[AdapterRef] = None) -> ModelRef:
+    """Revision → commit sha, gated access, safetensors present, architecture, license.
+
+    With `adapter` (model.id is an adapter repo), the model resolved is its base."""
     repo_id, revision = profile.model.id, profile.model.revision
+    if adapter is not None:
+        repo_id, revision = adapter.base_id, adapter.base_revision
     from huggingface_hub import errors as hf
 
     try:
@@ -235,10 +254,14 @@ def check_task(api, profile: Profile, model: ModelRef) -> None:
     check_config(profile.model.task, model_config(api, model), model.repo_id)
 
 
-def check_memory(api, profile: Profile, model: ModelRef, gpus: list) -> memory.MemoryReport:
-    """Target modules exist and the run fits the visible GPUs (headers only)."""
+def check_memory(api, profile: Profile, model: ModelRef, gpus: list,
+                 adapter: Optional[AdapterRef] = None) -> memory.MemoryReport:
+    """Target modules exist, a continued adapter is the one the lora section describes,
+    and the run fits the visible GPUs (headers only)."""
     tensors = model_tensors(api, model)
-    memory.check_target_modules(profile.lora.target_modules, tensors)
+    memory.check_target_modules(profile.lora, tensors)
+    if adapter is not None:
+        check_adapter_shape(profile, adapter, tensors)
     return memory.plan_memory(profile, tensors, model_config(api, model), gpus=gpus)
 
 
@@ -275,6 +298,147 @@ def check_disk(needed_bytes: int) -> None:
             f"{needed_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free. Fix: free space "
             "or point LORAFLOW_HOME at a larger disk.")
 
+# ------------------------------------------------------------------ adapter repos
+# model.id may name an adapter repo: training then continues that adapter on the base its
+# adapter_config.json names. The contract (checked here, before any weight is read):
+# - the base is adapter_config.json's base_model_name_or_path; model.base_id, when set,
+#   must equal it (or stands in for it when the adapter names a local path, not a repo);
+# - the base revision is adapter_config.json's revision, else model.base_revision, else
+#   main; when both name one, they must resolve to the same commit;
+# - the lora section describes the adapter: same method and task type, same adapted
+#   modules and shape (r, alpha, …; checked against the base's headers in check_memory);
+#   lora.init stays default (a trained adapter keeps its weights).
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def _is_adapter_repo(files: list[str]) -> bool:
+    return "adapter_config.json" in files and "config.json" not in files
+
+
+def resolve_adapter(api, profile: Profile) -> Optional[AdapterRef]:
+    """model.id → an AdapterRef when it is an adapter repo, else None (and the options
+    that only apply to adapters are refused)."""
+    import json
+    from fnmatch import fnmatch
+
+    from huggingface_hub import errors as hf
+
+    from profiles.schema import REPO_ID_RE, SHA_RE
+    from tasks.adapters import PEFT_TYPES
+
+    m, lora = profile.model, profile.lora
+    try:
+        info = api.model_info(m.id, revision=m.revision, files_metadata=True)
+        files = [s.rfilename for s in info.siblings or []]
+        config_path = (api.hf_hub_download(m.id, "adapter_config.json", revision=info.sha,
+                                           cache_dir=settings.loraflow_home() / "hub")
+                       if _is_adapter_repo(files) else None)
+    except (hf.HfHubHTTPError, OSError) as exc:
+        raise errors.translate_hub_error(exc, repo_id=m.id, revision=m.revision,
+                                         endpoint=settings.hub_endpoint()) from None
+    if config_path is None:
+        for field in ("base_id", "base_revision"):
+            if getattr(m, field) is not None:
+                raise errors.ProfileError(
+                    f"model.{field}: '{m.id}' is a base model, not an adapter repo, so there "
+                    f"is no adapter base to check. Fix: remove model.{field}, or point "
+                    "model.id at the adapter repo to continue.")
+        if lora.low_cpu_mem_usage:
+            raise errors.ProfileError(
+                "lora.low_cpu_mem_usage: it creates adapter weights empty, to be filled from a "
+                f"saved adapter, and '{m.id}' is a base model (a fresh adapter has none). Fix: "
+                "set it to false, or point model.id at an adapter repo to continue.")
+        return None
+    if "adapter_model.safetensors" not in files:
+        raise errors.ProfileError(
+            f"model.id: adapter repo '{m.id}' has no adapter_model.safetensors (loraflow "
+            "loads safetensors only; pickled .bin files can run code). Fix: pick a revision "
+            "or repo with safetensors adapter weights.")
+    config = json.loads(Path(config_path).read_text())
+    method = PEFT_TYPES.get(config.get("peft_type"))
+    if method is None:
+        raise errors.ProfileError(
+            f"model.id: '{m.id}' is a {config.get('peft_type')} adapter; loraflow continues "
+            f"{', '.join(PEFT_TYPES)} adapters. Fix: pick one of those, or train a fresh "
+            "adapter on its base.")
+    if method != lora.method:
+        raise errors.ProfileError(
+            f"lora.method: {lora.method}, but '{m.id}' is a {config['peft_type']} adapter, "
+            f"which training continues as it is. Fix: set lora.method to {method}.")
+    from tasks.task_types import TASKS
+
+    want = TASKS[m.task].peft_task_type
+    if config.get("task_type") not in (None, want):
+        raise errors.ProfileError(
+            f"model.task: {m.task} ({want}), but '{m.id}' was trained for "
+            f"{config['task_type']}. Fix: set model.task to match the adapter, or train a "
+            "fresh adapter.")
+    if lora.init != "default":
+        raise errors.ProfileError(
+            f"lora.init: {lora.init} initialises a fresh adapter, and '{m.id}' is continued "
+            "from its trained weights. Fix: remove lora.init (default).")
+    named = config.get("base_model_name_or_path")
+    named_is_repo = isinstance(named, str) and bool(REPO_ID_RE.match(named))
+    if m.base_id is not None and named_is_repo and m.base_id != named:
+        raise errors.ProfileError(
+            f"model.base_id: '{m.base_id}', but the adapter '{m.id}' was trained on "
+            f"'{named}' (adapter_config.json). Fix: set model.base_id to {named} or remove "
+            "it, or pick the adapter made for your base.")
+    base_id = named if named_is_repo else m.base_id
+    if base_id is None:
+        raise errors.ProfileError(
+            f"model.base_id: the adapter '{m.id}' names its base as {named!r}, not a Hub repo "
+            "id (it was saved from a local folder). Fix: set model.base_id to the base's "
+            "repo id, and model.base_revision to the commit it was trained on.")
+    named_rev = config.get("revision")
+    if named_rev and m.base_revision and named_rev != m.base_revision:
+        pinned = [_commit_of(api, base_id, r) for r in (named_rev, m.base_revision)]
+        if pinned[0] != pinned[1]:
+            raise errors.ProfileError(
+                f"model.base_revision: '{m.base_revision}' is commit {pinned[1]} of "
+                f"{base_id}, and the adapter '{m.id}' was trained on {pinned[0]} "
+                f"(revision '{named_rev}' in adapter_config.json). Fix: set "
+                f"model.base_revision to {pinned[0]} or remove it.")
+    base_revision = named_rev or m.base_revision or "main"
+    source = ("adapter_config" if named_rev else
+              "model.base_revision" if m.base_revision else "default")
+    if m.trust_remote_code and not SHA_RE.match(base_revision):
+        raise errors.ProfileError(
+            f"model.base_revision: remote code of the base {base_id} runs only from a pinned "
+            f"commit, and its revision is '{base_revision}'. Fix: set model.base_revision to "
+            "a 40-hex commit sha, or model.trust_remote_code to false.")
+    size = sum((s.size or 0) for s in info.siblings or []
+               if any(fnmatch(s.rfilename, p) for p in ADAPTER_PATTERNS))
+    return AdapterRef(repo_id=m.id, revision=m.revision, commit=info.sha, method=method,
+                      base_id=base_id, base_revision=base_revision,
+                      base_revision_from=source, config=config, download_bytes=size)
+
+
+def _commit_of(api, repo_id: str, revision: str) -> str:
+    from huggingface_hub import errors as hf
+
+    try:
+        return api.model_info(repo_id, revision=revision).sha
+    except hf.HfHubHTTPError as exc:
+        raise errors.translate_hub_error(exc, repo_id=repo_id, revision=revision,
+                                         endpoint=settings.hub_endpoint()) from None
+
+
+def check_adapter_shape(profile: Profile, adapter: AdapterRef, tensors) -> None:
+    """The lora section describes the adapter being continued (method, adapted modules
+    resolved on the base's linear layers, r, alpha, …)."""
+    from tasks.adapters import structure_mismatches
+
+    linears = memory.linear_modules(tensors)
+    names = [lin.name for lin in linears]
+    heads = [lin.name for lin in linears if not lin.in_block]
+    wrong = structure_mismatches(profile.lora, adapter.config, names, heads)
+    if wrong:
+        raise errors.ProfileError(
+            f"lora: the profile describes another adapter than '{adapter.repo_id}'@"
+            f"{adapter.commit[:12]}, which training continues as it is: "
+            + "; ".join(wrong) + ". Fix: set those lora fields to the adapter's values.")
+
 
 def run_preflight(profile: Profile) -> PreflightReport:
     """All checks, cheapest first. Raises a typed LoraflowError naming cause and fix."""
@@ -282,14 +446,15 @@ def run_preflight(profile: Profile) -> PreflightReport:
     check_loading_options(profile, gpus)
     api = hub_api()
     me = check_token(api)
-    model = resolve_model(api, profile)
+    adapter = resolve_adapter(api, profile)
+    model = resolve_model(api, profile, adapter)
     check_task(api, profile, model)
     dataset = resolve_dataset(api, profile)
     check_write_access(me, profile.publish.repo_id)
-    check_disk(model.download_bytes)
-    mem = check_memory(api, profile, model, gpus)
+    check_disk(model.download_bytes + (adapter.download_bytes if adapter else 0))
+    mem = check_memory(api, profile, model, gpus, adapter)
     return PreflightReport(user=me["name"], base_model=model, dataset=dataset,
-                           target_repo=profile.publish.repo_id, memory=mem)
+                           target_repo=profile.publish.repo_id, memory=mem, adapter=adapter)
 
 
 @task(name="preflight", **TRANSIENT_RETRIES)

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from profiles.schema import Profile
 from tasks import errors, settings
+from tasks.adapters import adapter_weights_path
 from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
                            write_manifest)
 from tasks.dataset import DatasetManifest
@@ -65,15 +66,22 @@ def train_inputs(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetM
     """What keys a training: base repo@commit and every file's sha256, the prepared
     dataset's key, the model/quantization/lora/training settings and this step's code.
     Left out on purpose: the publish section (where an adapter goes must not retrain
-    it), model.revision (the commit says it without moving), checkpoint cadence."""
-    return {"base": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
-                     "files": snapshot.file_hashes()},
-            "dataset": dataset.key,
-            "model": profile.model.model_dump(mode="json", exclude={"revision"}),
-            "quantization": profile.quantization.model_dump(mode="json"),
-            "lora": profile.lora.model_dump(mode="json"),
-            "training": profile.training.model_dump(mode="json", exclude=NOT_IN_KEY),
-            "code": code_inputs("tasks.train")}
+    it), model.revision (the commit says it without moving), checkpoint cadence.
+    A continued adapter (model.id is an adapter repo) keys by its repo@commit and files."""
+    inputs = {"base": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
+                       "files": snapshot.file_hashes()},
+              "dataset": dataset.key,
+              "model": profile.model.model_dump(mode="json",
+                                                exclude={"revision", "base_revision"}),
+              "quantization": profile.quantization.model_dump(mode="json"),
+              "lora": profile.lora.model_dump(mode="json"),
+              "training": profile.training.model_dump(mode="json", exclude=NOT_IN_KEY),
+              "code": code_inputs("tasks.train")}
+    if snapshot.adapter is not None:
+        inputs["adapter"] = {"repo_id": snapshot.adapter.repo_id,
+                             "commit": snapshot.adapter.commit,
+                             "files": snapshot.adapter.file_hashes()}
+    return inputs
 
 
 def train_key(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetManifest,
@@ -224,7 +232,8 @@ def _checkpoint_complete(path: Path, step: int) -> bool:
     except (OSError, ValueError):
         return False
     has_weights = any((path / n).is_file() for n in ("adapter_model.safetensors",
-                                                     "model.safetensors"))
+                                                     "model.safetensors")) \
+        or adapter_weights_path(path) is not None  # a named adapter: in its sub-folder
     return (state.get("global_step") == step and has_weights
             and all((path / n).is_file() for n in CHECKPOINT_FILES))
 
@@ -344,7 +353,8 @@ def _restore_finished(trainer, model, resume: str, state: dict):
     from transformers.trainer_callback import TrainerState
     from transformers.trainer_utils import TrainOutput
 
-    set_peft_model_state_dict(model, load_file(str(Path(resume) / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, load_file(str(adapter_weights_path(Path(resume)))),
+                              adapter_name=model.active_adapter)
     trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
     total, last = 0.0, 0
     for h in trainer.state.log_history:
@@ -388,6 +398,8 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, set_seed
 
+    from tasks.adapters import (converts_on_save, name_base, save_adapter,
+                                save_initial_adapter, unchanged_tensors)
     from tasks.modeling import inject_adapter, load_base_model
     from tasks.task_types import prepare_tokenizer
 
@@ -413,8 +425,15 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         # storage dtype does not change the numbers, so the compute dtype is used.
         quant = quant.model_copy(update={"quant_storage": quant.compute_dtype})
     base = load_base_model(model_section, quant, snapshot.local_dir, labels=dataset.labels)
+    continued = snapshot.adapter  # model.id is an adapter repo: train it on, not a fresh one
     model = inject_adapter(base, profile.lora, quant,
-                           profile.training.gradient_checkpointing and not sharded, sharded)
+                           profile.training.gradient_checkpointing and not sharded, sharded,
+                           task=profile.model.task,
+                           continue_from=continued.local_dir if continued else None)
+    # pissa / olora: the adapter as initialised, which the saved one is converted against.
+    init_peft = out / "adapter_init_peft" if converts_on_save(profile.lora) else None
+    if init_peft is not None and rank == 0 and not (init_peft / "adapter_config.json").exists():
+        save_initial_adapter(model, profile.lora, init_peft)
     init_path = out / "adapter_init.safetensors"
     initial = _adapter_weights(model)
     if not init_path.exists():
@@ -459,6 +478,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
     adapter_dir = out / "adapter"
+    name_base(model, profile.lora.adapter_name, snapshot.repo_id, snapshot.commit)
     if uses_fsdp(profile):
         # Every rank joins the gather of the sharded weights; rank 0 saves them.
         full_state = trainer.accelerator.get_state_dict(trainer.model)
@@ -469,10 +489,14 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
             model.save_pretrained(str(adapter_dir), state_dict=full_state,
                                   safe_serialization=True)
     elif rank == 0:
-        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        save_adapter(model, adapter_dir, profile.lora.adapter_name,
+                     initial=str(init_peft) if init_peft else None)
     if rank != 0:
         return None  # rank 0 writes the record; the parent reads it from the run dir
-    unchanged = _unchanged_tensors(adapter_dir, initial)
+    # A converted (pissa / olora) adapter is saved with other shapes: compare the
+    # trained tensors themselves.
+    unchanged = (unchanged_tensors(_adapter_weights(model), initial) if init_peft
+                 else _unchanged_tensors(adapter_dir, initial))
     if unchanged:
         raise errors.TrainingError(
             f"{len(unchanged)} LoRA tensors did not change during training (e.g. "
@@ -498,6 +522,10 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
                     "labels": dataset.labels},
         "adapter": {"sha256": adapter_sha, "trainable_params": trainable,
                     "total_params": total},
+        "continued_from": continued and {
+            "repo_id": continued.repo_id, "commit": continued.commit,
+            "files": continued.file_hashes(),
+            "base_revision_from": preflight.adapter and preflight.adapter.base_revision_from},
         "metrics": metrics, "loss_history": losses,
         "versions": _library_versions(), "hardware": _hardware(),
     }

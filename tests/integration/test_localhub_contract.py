@@ -498,3 +498,28 @@ def test_transformers_from_pretrained(hub, tokens, shas, tmp_path):
     assert out["cls"] == "LlamaForCausalLM" and out["vocab"] == 512
     assert out["text"].startswith("<s><|user|>") and out["text"].endswith("<|assistant|>\n")
     assert "<unk>" not in out["tokens"] and out["tokens"][-1] == "<|assistant|>"
+
+
+# --------------------------------------------------------------------------- seeded adapter
+
+
+def test_seeded_adapter_repo_pins_the_seeded_base(hub, tokens, shas, tmp_path):
+    from localhub.seed_adapters import ADAPTER_REPO
+
+    repo = {r["repo_id"]: r for r in hub.seed_info["repos"]}[ADAPTER_REPO]
+    assert repo["type"] == "model" and repo["gated"] is False and repo["private"] is False
+    info = api(hub, tokens["reader"]).model_info(ADAPTER_REPO, files_metadata=True)
+    assert info.sha == shas[ADAPTER_REPO]
+    files = {s.rfilename: s for s in info.siblings}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert "config.json" not in files and files["adapter_model.safetensors"].lfs is not None
+    assert info.card_data.base_model == MODEL and info.card_data.library_name == "peft"
+    config = json.loads(Path(hf_hub_download(ADAPTER_REPO, "adapter_config.json", revision=info.sha,
+                                             cache_dir=tmp_path, endpoint=hub.url,
+                                             token=tokens["reader"])).read_text())
+    assert (config["peft_type"], config["base_model_name_or_path"], config["revision"]) == (
+        "LORA", MODEL, shas[MODEL])
+    header = api(hub, tokens["reader"]).parse_safetensors_file_metadata(
+        ADAPTER_REPO, "adapter_model.safetensors", revision=info.sha)
+    names = set(header.tensors)
+    assert len(names) == 2 * 7 * 2 and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in names)

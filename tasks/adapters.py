@@ -1,0 +1,554 @@
+"""The adapter: the `lora` section → a peft config, which modules it adapts, and the
+ways an adapter gets onto a model (fresh, continued from a file, a second named adapter,
+several adapter types together for inference).
+
+The module matching here is peft's rule written without torch, so preflight can check
+the profile against the safetensors headers before any weight is read, and the loaded
+model is checked again with the same function. tasks/modeling.py keeps the loading and
+the k-bit preparation; it calls `attach_adapter` for the peft part.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+from profiles.schema import METHOD_FIELDS, LoraSection
+from tasks import errors
+
+# peft_type in adapter_config.json ↔ lora.method.
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr"}
+# peft's mixed mode (PeftMixedModel) takes these types only.
+MIXABLE = ("lora", "loha", "lokr")
+INIT_LORA_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa",
+                     "olora": "olora"}
+# What the training of a continued adapter cannot change: its shape and how it scales.
+STRUCTURE = ("r", "alpha", "bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# peft's rule for a module's block index (layers_to_transform without layers_pattern).
+_LAYER_RE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+# ------------------------------------------------------------------ module matching
+
+def leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _selects(selector, name: str) -> bool:
+    """peft's target_modules / exclude_modules rule: a string is a regex that must match
+    the whole module path; a list entry matches the path or its last segments."""
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return name in selector or any(name.endswith("." + s) for s in selector)
+
+
+def _to_save(modules_to_save, name: str) -> bool:
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
+
+
+def _pattern_key(pattern: dict, name: str) -> Optional[str]:
+    """The rank_pattern / alpha_pattern key peft applies to `name` (first match)."""
+    return next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+
+
+def resolved_targets(lora: LoraSection, linears: list[str], heads: Iterable[str] = ()):
+    """target_modules as peft uses it: 'all-linear' becomes the leaf names of every linear
+    module except the output head(s)."""
+    if lora.target_modules != "all-linear":
+        return lora.target_modules
+    head_leaves = {leaf(h) for h in heads}
+    return sorted({leaf(n) for n in linears if n not in heads} - head_leaves)
+
+
+def targeted_names(lora: LoraSection, linears: list[str], heads: Iterable[str] = ()) -> list[str]:
+    """The linear modules (full paths) the adapter wraps, by peft's rules: target_modules,
+    then exclude_modules, modules_to_save (never both) and layers_to_transform."""
+    targets = resolved_targets(lora, linears, heads)
+    out = []
+    for name in linears:
+        if lora.exclude_modules and _selects(lora.exclude_modules, name):
+            continue
+        if _to_save(lora.modules_to_save, name) or not _selects(targets, name):
+            continue
+        if lora.layers_to_transform is not None and not isinstance(targets, str):
+            m = _LAYER_RE.match(name)
+            if m is None or int(m["idx"]) not in lora.layers_to_transform:
+                continue
+        out.append(name)
+    return out
+
+
+def _names_hint(linears: list[str]) -> str:
+    return ", ".join(sorted({leaf(n) for n in linears}))
+
+
+def check_modules(lora: LoraSection, linears: list[str], heads: Iterable[str] = (),
+                  modules: Optional[list[str]] = None, what: str = "this model") -> list[str]:
+    """Refuse module selectors that match nothing, listing the model's linear modules.
+
+    Args:
+        lora: the profile's lora section.
+        linears: full paths of the model's linear modules.
+        heads: the output head(s) 'all-linear' leaves out.
+        modules: every module path (for modules_to_save); None: not checked.
+        what: how the model is named in messages.
+    Returns:
+        The targeted module paths.
+    Raises:
+        ProfileError: naming the field, what matched nothing and the names that exist.
+    """
+    heads = list(heads)
+    names = _names_hint(linears)
+    example = next((n for n in linears if n not in heads), linears[0] if linears else "")
+    targets = resolved_targets(lora, linears, heads)
+    if isinstance(targets, str):
+        if not any(_selects(targets, n) for n in linears):
+            raise errors.ProfileError(
+                f"lora.target_modules: the regex '{targets}' matches no linear module of "
+                f"{what} (a regex must match the whole module path, e.g. '{example}'). Fix: "
+                f"change the regex, or use 'all-linear' or a list of names from: {names}.")
+    else:
+        unknown = [t for t in targets if not any(_selects([t], n) for n in linears)]
+        if unknown:
+            raise errors.ProfileError(
+                f"lora.target_modules: {unknown} match no linear module of {what}. Fix: use "
+                f"'all-linear' or names from: {names}.")
+    candidates = [n for n in linears if _selects(targets, n)]
+    excl = lora.exclude_modules
+    if isinstance(excl, str) and not any(_selects(excl, n) for n in candidates):
+        raise errors.ProfileError(
+            f"lora.exclude_modules: the regex '{excl}' excludes none of the targeted modules "
+            f"of {what} (it must match a whole path, e.g. '{candidates[0]}'). Fix: change "
+            f"it or remove it; targeted names: {_names_hint(candidates)}.")
+    if isinstance(excl, list):
+        idle = [e for e in excl if not any(_selects([e], n) for n in candidates)]
+        if idle:
+            raise errors.ProfileError(
+                f"lora.exclude_modules: {idle} exclude none of the targeted modules of "
+                f"{what}. Fix: use names from: {_names_hint(candidates)}, or remove them.")
+    if modules is not None and lora.modules_to_save:
+        missing = [m for m in lora.modules_to_save if not any(_to_save([m], n) for n in modules)]
+        if missing:
+            tops = sorted({leaf(n) for n in modules if n and "." not in n}
+                          | {leaf(n) for n in linears if n in heads})
+            raise errors.ProfileError(
+                f"lora.modules_to_save: {missing} name no module of {what}. Fix: use module "
+                f"names such as {', '.join(tops) or 'lm_head'}.")
+    if lora.layers_to_transform is not None:
+        blocks = sorted({int(m["idx"]) for n in candidates if (m := _LAYER_RE.match(n))})
+        bad = [i for i in lora.layers_to_transform if i not in blocks]
+        if bad:
+            raise errors.ProfileError(
+                f"lora.layers_to_transform: {bad} are not blocks of {what} (its targeted "
+                f"modules sit in blocks {blocks}). Fix: use indices from that list.")
+    chosen = targeted_names(lora, linears, heads)
+    if not chosen:
+        raise errors.ProfileError(
+            "lora.exclude_modules / lora.modules_to_save: together they leave no module of "
+            f"{what} to adapt. Fix: exclude fewer modules; linear names: {names}.")
+    for field in ("rank_pattern", "alpha_pattern"):
+        idle = [k for k in (getattr(lora, field) or {})
+                if not any(_pattern_key({k: 0}, n) for n in chosen)]
+        if idle:
+            raise errors.ProfileError(
+                f"lora.{field}: keys {idle} match none of the adapted modules of {what}. "
+                f"Fix: use names from: {_names_hint(chosen)}.")
+    if lora.method == "ia3" and lora.feedforward_modules:
+        idle = [f for f in lora.feedforward_modules if not any(_selects([f], n) for n in chosen)]
+        if idle:
+            raise errors.ProfileError(
+                f"lora.feedforward_modules: {idle} are not among the adapted modules of "
+                f"{what}. Fix: use names from: {_names_hint(chosen)}.")
+    return chosen
+
+
+def adapter_param_count(lora: LoraSection, name: str, in_features: int,
+                        out_features: int) -> int:
+    """Trainable parameters the adapter adds to one linear module (memory estimate)."""
+    r = (lora.rank_pattern or {}).get(_pattern_key(lora.rank_pattern or {}, name), lora.r)
+    if lora.method == "ia3":
+        ff = lora.feedforward_modules or ["down_proj", "fc2", "c_proj", "wo"]
+        return in_features if _selects(ff, name) else out_features
+    if lora.method == "loha":
+        return 2 * r * (in_features + out_features)
+    if lora.method == "lokr":
+        return r * (in_features + out_features) // 4 + 64
+    extra = out_features if lora.use_dora else 0
+    return r * (in_features + out_features) + extra
+
+
+# ------------------------------------------------------------------ the loaded model
+
+def model_modules(model) -> tuple[list[str], list[str], list[str]]:
+    """(linear module paths, output head paths, every module path) of a transformers
+    model; inside a peft model, an adapted layer counts as the linear it wraps."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        BaseTunerLayer = ()  # noqa: N806
+    linears, modules, wrapped = [], [], []
+    for name, module in base.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue  # the adapter's own parts and the wrapped base layer
+        modules.append(name)
+        if isinstance(module, BaseTunerLayer):
+            wrapped.append(name)
+            linears.append(name)
+        elif isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__:
+            linears.append(name)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    heads = [n for n, m in base.named_modules() if head is not None and m is head]
+    return linears, heads, modules
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct leaf names of the model's linear layers (what target_modules can match)."""
+    return sorted({leaf(n) for n in model_modules(model)[0]})
+
+
+def check_target_modules(model, lora: LoraSection) -> list[str]:
+    """check_modules on a loaded model; returns the module paths the adapter wraps."""
+    linears, heads, modules = model_modules(model)
+    return check_modules(lora, linears, heads, modules, what=type(model).__name__)
+
+
+def _peft_task_type(task: str):
+    try:
+        from tasks.task_types import peft_task_type
+    except ImportError:  # pragma: no cover - before task types existed
+        from peft import TaskType
+
+        return TaskType.CAUSAL_LM
+    return peft_task_type(task)
+
+
+def peft_config(lora: LoraSection, task: str = "causal-lm"):
+    """The peft config of the profile's method: the one mapping from `lora.*`.
+
+    Fields a method has no use for are not passed (the schema refuses them when set).
+    """
+    import peft
+
+    common = dict(target_modules=lora.target_modules, exclude_modules=lora.exclude_modules,
+                  modules_to_save=lora.modules_to_save, task_type=_peft_task_type(task))
+    if lora.method == "ia3":
+        return peft.IA3Config(feedforward_modules=lora.feedforward_modules, **common)
+    shaped = dict(layers_to_transform=lora.layers_to_transform,
+                  rank_pattern=dict(lora.rank_pattern or {}),
+                  alpha_pattern=dict(lora.alpha_pattern or {}), **common)
+    if lora.method == "lora":
+        return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                               bias=lora.bias, use_rslora=lora.use_rslora,
+                               use_dora=lora.use_dora,
+                               init_lora_weights=INIT_LORA_WEIGHTS[lora.init], **shaped)
+    cls = peft.LoHaConfig if lora.method == "loha" else peft.LoKrConfig
+    return cls(r=lora.r, alpha=lora.alpha, rank_dropout=lora.dropout,
+               module_dropout=lora.module_dropout, **shaped)
+
+
+def attach_adapter(base, lora: LoraSection, task: str = "causal-lm",
+                   continue_from: Optional[str] = None):
+    """get_peft_model with the profile's adapter, or — `continue_from`, a directory with
+    adapter_config.json and adapter_model.safetensors — that adapter, trainable.
+
+    A continued adapter is built from the profile's config (preflight checked that its
+    shape is the file's) and must then hold exactly the file's tensors: a key the model
+    lacks, or one left unloaded, is an error rather than a silently fresh tensor.
+
+    Raises:
+        ProfileError: low_cpu_mem_usage for a fresh adapter; TrainingError: the file's
+            tensors do not fill the adapter.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if lora.target_modules == "all-linear" and (lora.layers_to_transform is not None
+                                                or lora.method == "ia3"):
+        # peft takes layers_to_transform with a list of names only; and IA3 saves an
+        # 'all-linear' adapter with full paths, which its own config check then refuses
+        # to load next to leaf-named feedforward_modules.
+        linears, heads, _ = model_modules(base)
+        lora = lora.model_copy(update={"target_modules": resolved_targets(lora, linears, heads)})
+    config = peft_config(lora, task)
+    if continue_from is None:
+        if lora.low_cpu_mem_usage:
+            raise errors.ProfileError(
+                "lora.low_cpu_mem_usage: it creates the adapter's weights empty, to be filled "
+                "from a saved adapter, and a fresh adapter has none (training would start "
+                "from uninitialised weights). Fix: set it to false, or point model.id at an "
+                "adapter repo to continue.")
+        return get_peft_model(base, config, adapter_name=lora.adapter_name,
+                              autocast_adapter_dtype=lora.autocast_adapter_dtype)
+    try:
+        model = PeftModel.from_pretrained(
+            base, continue_from, adapter_name=lora.adapter_name, is_trainable=True,
+            config=config, autocast_adapter_dtype=lora.autocast_adapter_dtype,
+            low_cpu_mem_usage=lora.low_cpu_mem_usage)
+    except RuntimeError as exc:  # torch's load_state_dict: tensor shapes differ
+        raise errors.TrainingError(
+            f"the adapter in {continue_from} does not fit the adapter the lora section "
+            f"describes ({str(exc).splitlines()[-1].strip()}). Fix: make lora.r, "
+            "lora.target_modules etc. those of the adapter being continued.") from None
+    _check_loaded(model, lora.adapter_name, Path(continue_from) / ADAPTER_WEIGHTS)
+    return model
+
+
+def _check_loaded(model, adapter_name: str, weights: Path) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(weights))
+    held = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    missing = sorted(set(held) - set(saved))
+    extra = sorted(set(saved) - set(held))
+    differ = sorted(k for k in set(held) & set(saved)
+                    if not torch.equal(held[k].detach().cpu().to(saved[k].dtype), saved[k]))
+    if missing or extra or differ:
+        raise errors.TrainingError(
+            f"the adapter in {weights.parent} does not fill the model's adapter: "
+            f"{len(missing)} tensors not in the file (e.g. {missing[:1]}), {len(extra)} in the "
+            f"file but not in the model (e.g. {extra[:1]}), {len(differ)} loaded with other "
+            "values. Fix: make the lora section describe that adapter (method, r, "
+            "target_modules, …).")
+
+
+def add_named_adapter(model, lora: LoraSection, task: str = "causal-lm"):
+    """A further adapter, `lora.adapter_name`, on a peft model, made the active (and only
+    trainable) one; the others keep their weights.
+
+    Raises:
+        ProfileError: the name is taken, or the method differs from the model's adapters
+            (one PeftModel holds one method; see load_mixed for inference).
+    """
+    name = lora.adapter_name
+    if name in model.peft_config:
+        raise errors.ProfileError(
+            f"lora.adapter_name: '{name}' is already an adapter of this model "
+            f"({', '.join(model.peft_config)}). Fix: give the new adapter another name.")
+    have = {PEFT_TYPES.get(c.peft_type.value, c.peft_type.value) for c in model.peft_config.values()}
+    if have != {lora.method}:
+        raise errors.ProfileError(
+            f"lora.method: this model's adapters are {sorted(have)}, and one peft model holds "
+            f"one method. Fix: set lora.method to {sorted(have)[0]}, or load adapters of "
+            "different types together with load_mixed (inference only).")
+    check_target_modules(model, lora)
+    model.add_adapter(name, peft_config(lora, task))
+    model.set_adapter(name)
+    return model
+
+
+# ------------------------------------------------------------------ saving and loading
+
+def converts_on_save(lora: LoraSection) -> bool:
+    """pissa / olora rewrite the base weights; their adapter is saved as the difference
+    from its initial value, a plain LoRA of rank 2r that loads on the original base."""
+    return lora.method == "lora" and lora.init in ("pissa", "olora")
+
+
+def _flatten(directory: Path, adapter_name: str) -> None:
+    # peft saves an adapter not named "default" in a sub-folder of that name.
+    sub = directory / adapter_name
+    if adapter_name != "default" and sub.is_dir():
+        for p in sub.iterdir():
+            shutil.move(str(p), str(directory / p.name))
+        sub.rmdir()
+
+
+def save_initial_adapter(model, lora: LoraSection, directory) -> Optional[str]:
+    """For pissa / olora: the adapter as initialised, before training (what save_adapter
+    subtracts); None for other inits. The directory's name becomes a temporary adapter
+    name, so it must be a plain name."""
+    if not converts_on_save(lora):
+        return None
+    directory = Path(directory)
+    config = model.peft_config[lora.adapter_name]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # peft's recipe: saved as a plain LoRA initial state
+    try:
+        model.save_pretrained(str(directory), selected_adapters=[lora.adapter_name],
+                              safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+    _flatten(directory, lora.adapter_name)
+    return str(directory)
+
+
+def save_adapter(model, directory, adapter_name: str = "default",
+                 base_repo: Optional[str] = None, base_commit: Optional[str] = None,
+                 initial: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+    """save_pretrained of one adapter straight into `directory` (whatever its name),
+    safetensors only; adapter_config.json names the base by Hub id and commit (not the
+    local download folder), so the adapter can be continued or auto-loaded from the Hub.
+
+    Args:
+        initial: save_initial_adapter's directory (pissa / olora): the adapter is saved
+            converted to plain LoRA.
+        state_dict: the full state dict to take the weights from (FSDP's gathered one).
+    """
+    directory = Path(directory)
+    config = model.peft_config[adapter_name]
+    if base_repo is not None:
+        config.base_model_name_or_path = base_repo
+        config.revision = base_commit
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
+    # save_embedding_layers False: "auto" would ask the Hub for the base's config.json
+    # (a network call while saving); loraflow never resizes the vocabulary.
+    model.save_pretrained(str(directory), selected_adapters=[adapter_name],
+                          safe_serialization=True, save_embedding_layers=False,
+                          path_initial_model_for_weight_conversion=initial, **kwargs)
+    _flatten(directory, adapter_name)
+
+
+def load_named_adapters(base, adapters: dict[str, str]):
+    """A PeftModel holding each saved adapter under its name (inference), the first
+    active. Switch with model.set_adapter(name)."""
+    from peft import PeftModel
+
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(base, path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    model.set_adapter(first)
+    model.eval()
+    return model
+
+
+def adapter_method(directory) -> str:
+    """lora.method of a saved adapter, from its adapter_config.json."""
+    config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+    return PEFT_TYPES.get(config.get("peft_type"), str(config.get("peft_type")))
+
+
+def load_mixed(base, adapters: dict[str, str]):
+    """Adapters of different types (LoRA, LoHa, LoKr) active together on one base, with
+    peft's mixed mode (PeftMixedModel): inference only — every parameter is frozen.
+
+    Args:
+        base: the base model, as the adapters were trained on it.
+        adapters: name → directory of a saved adapter.
+    Raises:
+        ProfileError: an adapter type mixed mode cannot take (e.g. IA3).
+    """
+    from peft import PeftMixedModel
+
+    methods = {name: adapter_method(path) for name, path in adapters.items()}
+    bad = {n: m for n, m in methods.items() if m not in MIXABLE}
+    if bad:
+        raise errors.ProfileError(
+            f"mixed adapters: {bad} cannot be mixed; peft's mixed mode takes "
+            f"{', '.join(MIXABLE)} adapters. Fix: leave those out, or load them one at a "
+            "time with load_named_adapters.")
+    (first, path), *rest = adapters.items()
+    model = PeftMixedModel.from_pretrained(base, path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    model.set_adapter(list(adapters))
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------ continuation
+
+def section_from_adapter_config(config: dict) -> LoraSection:
+    """The lora section that describes a saved adapter (adapter_config.json), for
+    comparing with the profile's. Only the fields of its method are filled in."""
+    method = PEFT_TYPES.get(config.get("peft_type"))
+    if method is None:
+        raise errors.ProfileError(
+            f"model.id: the adapter's peft_type {config.get('peft_type')!r} is not one loraflow "
+            f"trains ({', '.join(PEFT_TYPES)}). Fix: continue a LoRA, IA3, LoHa or LoKr "
+            "adapter, or start a fresh one on its base.")
+    targets = config.get("target_modules")
+    values = {
+        "method": method,
+        "target_modules": sorted(targets) if isinstance(targets, (list, set)) else targets,
+        "exclude_modules": (sorted(config["exclude_modules"])
+                            if isinstance(config.get("exclude_modules"), (list, set))
+                            else config.get("exclude_modules")),
+        "modules_to_save": config.get("modules_to_save"),
+        "r": config.get("r"), "alpha": config.get("lora_alpha", config.get("alpha")),
+        "bias": config.get("bias"), "use_rslora": config.get("use_rslora"),
+        "use_dora": config.get("use_dora"),
+        "rank_pattern": config.get("rank_pattern") or None,
+        "alpha_pattern": config.get("alpha_pattern") or None,
+        "feedforward_modules": config.get("feedforward_modules"),
+        "layers_to_transform": config.get("layers_to_transform"),
+    }
+    if isinstance(values["layers_to_transform"], int):
+        values["layers_to_transform"] = [values["layers_to_transform"]]
+    if isinstance(values["feedforward_modules"], (list, set)):
+        values["feedforward_modules"] = sorted(values["feedforward_modules"])
+    allowed = METHOD_FIELDS[method]
+    return LoraSection.model_construct(**{k: v for k, v in values.items()
+                                          if v is not None and k in allowed})
+
+
+def structure_mismatches(lora: LoraSection, config: dict, linears: list[str],
+                         heads: Iterable[str] = ()) -> list[str]:
+    """What the profile's lora section says differently from the adapter it continues:
+    one line per field (field, profile value, adapter value). Compared: the method, the
+    adapted modules (resolved on the base's linear modules), and the shape/scaling fields
+    of the method; training-time settings (dropout, adapter_name, …) may differ."""
+    saved = section_from_adapter_config(config)
+    out = []
+    if saved.method != lora.method:
+        return [f"lora.method: {lora.method}, the adapter is {saved.method}"]
+    ours = targeted_names(lora, linears, heads)
+    theirs = targeted_names(saved, linears, heads)
+    if ours != theirs:
+        only_ours = sorted({leaf(n) for n in set(ours) - set(theirs)})
+        only_theirs = sorted({leaf(n) for n in set(theirs) - set(ours)})
+        out.append(f"lora.target_modules (with exclude_modules, layers_to_transform): adapts "
+                   f"{len(ours)} modules, the adapter {len(theirs)} (only in the profile: "
+                   f"{only_ours or '-'}; only in the adapter: {only_theirs or '-'}; the "
+                   f"adapter's target_modules: {saved.target_modules})")
+    for field in STRUCTURE:
+        if field not in METHOD_FIELDS[lora.method]:
+            continue
+        mine, its = getattr(lora, field), getattr(saved, field)
+        if (mine or None) != (its or None) and mine != its:
+            out.append(f"lora.{field}: {mine!r}, the adapter has {its!r}")
+    if lora.method == "ia3" and lora.feedforward_modules is not None and \
+            sorted(lora.feedforward_modules) != (saved.feedforward_modules or []):
+        out.append(f"lora.feedforward_modules: {lora.feedforward_modules}, the adapter has "
+                   f"{saved.feedforward_modules}")
+    missing = sorted(set(lora.modules_to_save or []) - set(saved.modules_to_save or []))
+    if missing:
+        out.append(f"lora.modules_to_save: {missing} are not saved with the adapter")
+    return out
+
+
+def name_base(model, adapter_name: str, repo_id: str, commit: str) -> None:
+    """Name the base in the adapter's config by Hub id and commit, not the local download
+    folder (what get_peft_model records), so the saved adapter can be continued or
+    auto-loaded from the Hub. Call it after the last training checkpoint: with a Hub id
+    there, peft's save asks the Hub for the base's config.json."""
+    config = model.peft_config[adapter_name]
+    config.base_model_name_or_path = repo_id
+    config.revision = commit
+
+
+def adapter_weights_path(directory) -> Optional[Path]:
+    """adapter_model.safetensors in `directory`, or in its one sub-folder (peft saves an
+    adapter not named "default" there: Trainer checkpoints of a named adapter)."""
+    directory = Path(directory)
+    if (directory / ADAPTER_WEIGHTS).is_file():
+        return directory / ADAPTER_WEIGHTS
+    found = sorted(directory.glob(f"*/{ADAPTER_WEIGHTS}"))
+    return found[0] if len(found) == 1 else None
+
+
+def unchanged_tensors(current: dict, initial: dict) -> list[str]:
+    """Names of adapter tensors whose value equals their initial value."""
+    import torch
+
+    return [k for k, v in initial.items() if k in current and torch.equal(v, current[k].to(v.dtype))]
