@@ -155,7 +155,9 @@ def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
     from peft import prepare_model_for_kbit_training
 
     from tasks.adapters import attach_adapter
+    from tasks.task_types import adapter_for_task
 
+    lora = adapter_for_task(base, lora, task)  # a classification head: trained whole
     check_target_modules(base, lora)
     if quant.mode != "none" and not sharded:
         base = prepare_model_for_kbit_training(
