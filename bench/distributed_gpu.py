@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,21 +51,29 @@ def build_model(path: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def build_dataset(path: Path) -> dict:
-    """Periodic token sequences (period 16, random phase and alphabet offset): every
-    sample is equally learnable, so per-step losses do not depend on sample order."""
-    import datasets
+def synthetic_rows(count: int, seq: int, seed: int = 0) -> list[list[int]]:
+    """Learnable token sequences: each row repeats a random order of the same 16 token ids
+    (from a random phase). A model learns the 16-token alphabet within a few steps (loss
+    from ≈12 towards ln 16 ≈ 2.8) and the period after that, so per-step losses fall far
+    and do not depend on which rows a step sees."""
     import numpy as np
 
-    rs = np.random.RandomState(0)
+    rs = np.random.RandomState(seed)
     rows = []
-    for _ in range(GLOBAL * STEPS):
-        base = int(rs.randint(1000, 100000))
-        pattern = base + rs.permutation(16)
-        ids = [int(pattern[i % 16]) for i in range(int(rs.randint(0, 16)), SEQ + 16)][:SEQ]
-        rows.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * SEQ})
+    for _ in range(count):
+        pattern = 1000 + rs.permutation(16)
+        start = int(rs.randint(0, 16))
+        rows.append([int(pattern[i % 16]) for i in range(start, start + seq)])
+    return rows
+
+
+def build_dataset(path: Path) -> dict:
+    import datasets
+
+    rows = [{"input_ids": ids, "labels": ids, "attention_mask": [1] * SEQ}
+            for ids in synthetic_rows(GLOBAL * STEPS, SEQ)]
     datasets.Dataset.from_list(rows).save_to_disk(str(path / "train"))
-    return {"path": str(path), "key": "synthetic-periodic", "num_train": len(rows),
+    return {"path": str(path), "key": "synthetic-alphabet16", "num_train": len(rows),
             "num_eval": 0, "train_tokens": len(rows) * SEQ}
 
 
@@ -77,11 +86,19 @@ def launch_inputs(model_dir: Path, dataset: dict, quant: str) -> dict:
         else {"mode": "none"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"dataset": "bench/synthetic", "max_length": SEQ, "eval_split": 0},
-        "training": {"learning_rate": 1e-3, "max_steps": STEPS, "per_device_batch_size":
+        # lr 3e-4: at 1e-3 the first steps overshoot and oscillate, and any rounding
+        # difference (the order of a gradient all-reduce) grows into a different curve.
+        # Liger off on both sides: FSDP runs without it (tasks/train.py).
+        "training": {"learning_rate": 3e-4, "max_steps": STEPS, "per_device_batch_size":
                      PER_DEVICE, "global_batch_size": GLOBAL, "lr_scheduler": "constant",
                      "gradient_checkpointing": quant != "none", "logging_steps": 1,
-                     "save_steps": 1000, "seed": 0},
+                     "save_steps": 1000, "seed": 0, "liger_kernel": False},
         "publish": {"repo_id": "bench/unpublished"}})
+    return inputs_for(model_dir, dataset, profile)
+
+
+def inputs_for(model_dir: Path, dataset: dict, profile) -> dict:
+    """What train_adapter hands a torchrun job (tasks/launch.py), for a model on disk."""
     files = {p.name: {"size": p.stat().st_size, "sha256": p.name}
              for p in model_dir.iterdir() if p.is_file()}
     return {"profile": profile.model_dump(mode="json"),
@@ -96,6 +113,7 @@ def launch_inputs(model_dir: Path, dataset: dict, quant: str) -> dict:
 
 def run(case: str, inputs: dict, gpus: int, work: Path) -> dict:
     home = work / f"home-{case}-{gpus}gpu"
+    shutil.rmtree(home, ignore_errors=True)  # a run of an earlier invocation is not this one
     launch = work / f"{case}-{gpus}.json"
     launch.write_text(json.dumps(inputs))
     env = {**os.environ, **NO_MULTICAST, "LORAFLOW_HOME": str(home),
@@ -113,6 +131,7 @@ def run(case: str, inputs: dict, gpus: int, work: Path) -> dict:
             "train_runtime_s": runtime, "tokens_per_s": round(STEPS * GLOBAL * SEQ / runtime),
             "losses": [h["loss"] for h in record["loss_history"]],
             "adapter_sha256": record["adapter"]["sha256"],
+            "distributed": record.get("distributed"), "peak_gpu_mem_gib": record["metrics"].get("peak_gpu_mem_gib"),
             "adapter_dir": str(next(home.glob("runs/*/adapter")))}
 
 
@@ -124,12 +143,38 @@ def compare(one: dict, two: dict) -> dict:
             "loss_first_last_2gpu": [two["losses"][0], two["losses"][-1]]}
 
 
-def reload_matches(result: dict, model_dir: Path) -> bool:
-    """The saved adapter loads with peft on the base (rank 0 wrote it once)."""
-    from safetensors.torch import load_file
+def reload_losses(case: str, one: dict, two: dict, model_dir: Path) -> dict:
+    """Both saved adapters, reloaded with peft on a freshly loaded base (nf4 for the QLoRA
+    case), scored on the same 4 rows: each must beat the untrained base, and the 2-GPU
+    adapter must score as the 1-GPU one does."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tensors = load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors"))
-    return bool(tensors) and all(t.isfinite().all() for t in tensors.values())
+    quant = None
+    if case.endswith("fsdp"):
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16,
+                                                device_map={"": 0}, quantization_config=quant)
+    ids = torch.tensor(synthetic_rows(4, SEQ, seed=1), device="cuda")
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return round(model(input_ids=ids, labels=ids).loss.item(), 4)
+
+    untrained = loss(base)
+    model = PeftModel.from_pretrained(base, one["adapter_dir"], adapter_name="one")
+    model.load_adapter(two["adapter_dir"], adapter_name="two")
+    model.set_adapter("one")
+    l1 = loss(model)
+    model.set_adapter("two")
+    l2 = loss(model)
+    del model, base
+    torch.cuda.empty_cache()
+    return {"reload_loss_untrained": untrained, "reload_loss_1gpu": l1, "reload_loss_2gpu": l2,
+            "adapter_reloads": l2 < untrained and abs(l2 - l1) / l1 < 0.02}
 
 
 def main(out_dir: str) -> None:
@@ -146,7 +191,8 @@ def main(out_dir: str) -> None:
         one, two = run(case, inputs, 1, work), run(case, inputs, 2, work)
         row = {"case": case, "one_gpu": one, "two_gpus": two}
         if "error" not in one and "error" not in two:
-            row.update(compare(one, two), adapter_reloads=reload_matches(two, model_dir))
+            row.update(compare(one, two), **reload_losses(case, one, two, model_dir),
+                       distributed=two.get("distributed"))
         line = json.dumps(row)
         print(line, flush=True)
         with open(out / "distributed.jsonl", "a") as f:

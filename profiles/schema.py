@@ -147,6 +147,10 @@ class QuantizationSection(_Section):
     quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
         "uint8", description="bnb_4bit_quant_storage (4-bit modes): the dtype the packed "
         "4-bit weights are stored as; bfloat16 lets FSDP shard them with bf16 weights.")
+    upcast_non_quantized: bool = Field(
+        False, description="peft's prepare_model_for_kbit_training upcast of the weights "
+        "left unquantized (norms, embeddings, lm_head) to float32. false: they stay in the "
+        "model dtype (faster, less memory; the adapter still trains in float32).")
 
 
 PeftMethod = Literal["lora", "ia3", "loha", "lokr"]
@@ -374,6 +378,21 @@ class TrainingSection(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="TrainingArguments.max_grad_norm.")
     gradient_checkpointing: bool = Field(False, description=
                                          "TrainingArguments.gradient_checkpointing.")
+    checkpoint_layers: Optional[int] = Field(
+        None, ge=0, description="With gradient_checkpointing: checkpoint only the first N "
+        "decoder layers (the rest keep their activations: faster, more memory). null: all.")
+    packing: bool = Field(
+        False, description="Pack each micro-batch's examples into rows of data.max_length "
+        "tokens (position_ids restart per example, attention never crosses examples) "
+        "instead of padding them: the same loss on far fewer padding tokens.")
+    liger_kernel: Union[Literal["auto"], bool] = Field(
+        "auto", description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
+        "linear cross-entropy; package liger-kernel, extra loraflow[fast]). auto: on when "
+        "installed and a CUDA GPU is present.")
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
+                       "paged_adamw_8bit"] = Field(
+        "auto", description="TrainingArguments.optim. auto: transformers' default (fused "
+        "AdamW). The 8-bit / paged ones (bitsandbytes, GPU) save optimizer memory.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps "
                             "(TrainingArguments.save_steps); a re-run resumes from the last.")
     save_total_limit: int = Field(2, gt=0, description="TrainingArguments.save_total_limit.")
@@ -425,6 +444,15 @@ class Profile(_Section):
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "Profile":
+        if self.training.packing and self.model.task != "causal-lm":
+            raise ValueError(f"training.packing: packing is for causal-lm; model.task is "
+                             f"{self.model.task}, whose collator pads per example. Fix: set "
+                             "training.packing to false.")
+        if self.training.checkpoint_layers is not None \
+                and not self.training.gradient_checkpointing:
+            raise ValueError("training.checkpoint_layers: it chooses which layers are "
+                             "checkpointed, but training.gradient_checkpointing is false. Fix: "
+                             "set gradient_checkpointing to true, or checkpoint_layers to null.")
         if self.model.trust_remote_code and not SHA_RE.match(self.model.revision):
             raise ValueError("model.trust_remote_code: remote code runs only from a pinned "
                              "commit. Fix: set model.revision to a 40-hex commit sha, or "

@@ -299,6 +299,7 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     quantizable = {m.name + ".weight": m for m in linears if m.in_block} \
         if q.mode != "none" else {}
 
+    upcast = q.mode != "none" and q.upcast_non_quantized
     params = quantized_params = 0
     loaded = training = 0.0
     for name, (_, shape) in tensors.items():
@@ -313,8 +314,9 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
             training += b
         else:
             loaded += n * elem
-            # prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32.
-            training += n * (4 if q.mode != "none" else elem)
+            # prepare_model_for_kbit_training upcasts every 16-bit parameter to fp32
+            # (only with quantization.upcast_non_quantized).
+            training += n * (4 if upcast else elem)
 
     targets = targeted(lora, linears)
     adapter_params = sum(adapter_param_count(lora, m.name, m.in_features, m.out_features)
@@ -330,7 +332,7 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     # An encoder-decoder (T5: num_layers + num_decoder_layers) runs both stacks.
     layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer")
                  or sum(_block_stacks(tensors).values()))
-    mode = "fp32" if (q.mode != "none" or dtype == "float32") else "mixed16"
+    mode = "fp32" if (upcast or dtype == "float32") else "mixed16"
     coef = ACTIVATIONS[mode]
     seq = profile.data.max_length
     tokens = t.per_device_batch_size * seq

@@ -159,10 +159,14 @@ def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
 
     lora = adapter_for_task(base, lora, task)  # a classification head: trained whole
     check_target_modules(base, lora)
-    if quant.mode != "none" and not sharded:
+    if quant.mode != "none" and not sharded and quant.upcast_non_quantized:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif quant.mode != "none" and not sharded:
+        from tasks.speed import prepare_kbit_without_upcast
+
+        base = prepare_kbit_without_upcast(base, gradient_checkpointing)
     model = attach_adapter(base, lora, task, continue_from)
     if sharded:
         storage = torch_dtype(quant.quant_storage)

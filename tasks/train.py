@@ -111,6 +111,21 @@ def _adapter_weights(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _replicas_agree(model) -> bool:
+    """Whether every process's adapter weights hash the same (all ranks must call it)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_adapter_weights(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    hashes = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, digest.hexdigest())
+    return len(set(hashes)) == 1
+
+
 def _unchanged_tensors(adapter_dir: Path, initial: dict) -> list[str]:
     """Adapter tensors whose saved value equals their initial value."""
     import torch
@@ -192,13 +207,22 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=world()[0] != 0,
+        **({} if t.optimizer == "auto" else {"optim": t.optimizer}),  # auto: fused AdamW
         **_distributed_arguments(profile, model),
     )
     collator = data_collator(profile.model.task, tokenizer, model)  # labels padded with -100
+    if t.packing:
+        from tasks.packing import PackingCollator
+
+        collator = PackingCollator(profile.data.max_length, tokenizer.pad_token_id)
     from tasks.progress import TrainingProgress  # the run's progress artifact in the UI
+    callbacks = [TrainingProgress(profile.publish.repo_id)]
+    if args.gradient_checkpointing and t.checkpoint_layers is not None:
+        from tasks.speed import partial_checkpointing_callback
+
+        callbacks.append(partial_checkpointing_callback(t.checkpoint_layers))
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                   data_collator=collator,
-                   callbacks=[TrainingProgress(profile.publish.repo_id)]), eval_ds
+                   data_collator=collator, callbacks=callbacks), eval_ds
 
 
 def uses_fsdp(profile: Profile) -> bool:
@@ -215,8 +239,11 @@ def _distributed_arguments(profile: Profile, model) -> dict:
         # LoRA leaves most parameters frozen: no unused-parameter search each step.
         return {"ddp_find_unused_parameters": False}
     layer_cls = type(model.get_base_model().model.layers[0]).__name__
+    # FSDP1, not transformers' default FSDP2: bitsandbytes documents FSDP2 losing the
+    # 4-bit quant state, while FSDP1 with a float quant storage dtype is its tested QLoRA
+    # path (the run record says "fsdp1").
     return {"fsdp": "full_shard auto_wrap",
-            "fsdp_config": {"transformer_layer_cls_to_wrap": [layer_cls],
+            "fsdp_config": {"version": 1, "transformer_layer_cls_to_wrap": [layer_cls],
                             "backward_prefetch": "backward_pre", "forward_prefetch": False,
                             "use_orig_params": False, "sync_module_states": True,
                             "cpu_ram_efficient_loading": True,
@@ -380,6 +407,40 @@ def _adopt(out: Path) -> Optional[TrainResult]:
                        total_params=adapter["total_params"], metrics=record["metrics"])
 
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _save_gathered_adapter(model, full_state: dict, initial: dict, adapter_dir: Path) -> None:
+    """Write the adapter from FSDP's gathered full state dict, as save_pretrained would.
+
+    The gathered names carry FSDP / activation-checkpoint wrapper segments and the
+    adapter name; each adapter tensor (named as in `initial`, i.e. as peft saves it) is
+    found by its name with those removed. A name that cannot be found is an error that
+    shows both sides, instead of an adapter with tensors missing.
+    """
+    from safetensors.torch import save_file
+
+    name = model.active_adapter
+    cleaned = {}
+    for key, value in full_state.items():
+        for segment in WRAPPER_SEGMENTS:
+            key = key.replace(segment, "")
+        cleaned[key.replace(f".{name}.", ".")] = value
+    missing = [k for k in initial if k not in cleaned]
+    if missing:
+        sample = [k for k in cleaned if "lora" in k][:3] or list(cleaned)[:3]
+        raise errors.TrainingError(
+            f"the gathered FSDP state dict lacks {len(missing)} adapter tensors (e.g. "
+            f"{missing[0]}); it has names like {sample}. Fix: report this with the log; "
+            "train on one GPU (training.launcher single) meanwhile.")
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: cleaned[k].detach().cpu().contiguous() for k in initial},
+              str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = model.peft_config[name]
+    config.inference_mode = True
+    config.save_pretrained(str(adapter_dir))
+
+
 def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotManifest,
               dataset: DatasetManifest, flow_run_id: Optional[str] = None) -> TrainResult:
     """Train the adapter into LORAFLOW_HOME/runs/<key>/, resuming from a checkpoint.
@@ -401,6 +462,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     from tasks.adapters import (converts_on_save, name_base, save_adapter,
                                 save_initial_adapter, unchanged_tensors)
     from tasks.modeling import inject_adapter, load_base_model
+    from tasks.speed import apply_liger, use_liger
     from tasks.task_types import prepare_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -425,6 +487,10 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         # storage dtype does not change the numbers, so the compute dtype is used.
         quant = quant.model_copy(update={"quant_storage": quant.compute_dtype})
     base = load_base_model(model_section, quant, snapshot.local_dir, labels=dataset.labels)
+    if use_liger(profile) and not sharded:
+        # Liger's fused cross-entropy multiplies by the whole lm_head weight, which FSDP
+        # holds sharded: FSDP runs without Liger.
+        apply_liger(base)
     continued = snapshot.adapter  # model.id is an adapter repo: train it on, not a fresh one
     model = inject_adapter(base, profile.lora, quant,
                            profile.training.gradient_checkpointing and not sharded, sharded,
@@ -456,6 +522,8 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
             # would train one step too many from here, so take the weights as they are.
             result = _restore_finished(trainer, model, resume, finished)
         else:
+            if torch.cuda.is_available():  # peak memory of training, weights included
+                torch.cuda.reset_peak_memory_stats()
             with _stop_on_signals(stop):
                 result = trainer.train(resume_from_checkpoint=resume)
         if stop.signum is not None:
@@ -481,16 +549,21 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     name_base(model, profile.lora.adapter_name, snapshot.repo_id, snapshot.commit)
     if uses_fsdp(profile):
         # Every rank joins the gather of the sharded weights; rank 0 saves them.
-        full_state = trainer.accelerator.get_state_dict(trainer.model)
-        # FSDP's activation checkpointing wraps each block: drop the wrapper from the names.
-        full_state = {k.replace("_checkpoint_wrapped_module.", "")
-                      .replace("_fsdp_wrapped_module.", ""): v for k, v in full_state.items()}
+        full_state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if rank == 0:
-            model.save_pretrained(str(adapter_dir), state_dict=full_state,
-                                  safe_serialization=True)
+            _save_gathered_adapter(model, full_state, initial, adapter_dir)
     elif rank == 0:
         save_adapter(model, adapter_dir, profile.lora.adapter_name,
                      initial=str(init_peft) if init_peft else None)
+    distributed = None
+    if world_size > 1:
+        # Say which engine ran; under DDP every rank must hold the adapter rank 0 saved.
+        distributed = {"world_size": world_size, "strategy": "fsdp1" if sharded else "ddp",
+                       "replicas_identical": None if sharded else _replicas_agree(model)}
+        if distributed["replicas_identical"] is False:
+            raise errors.TrainingError(
+                "the DDP ranks finished with different adapter weights. Fix: report this "
+                "with the log; train on one GPU (training.launcher single) meanwhile.")
     if rank != 0:
         return None  # rank 0 writes the record; the parent reads it from the run dir
     # A converted (pissa / olora) adapter is saved with other shapes: compare the
@@ -509,7 +582,9 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
                "last_loss": losses[-1]["loss"], "eval_loss": eval_metrics.get("eval_loss",
                                                                                eval_loss),
                "steps": trainer.state.global_step, "resumed_from": resume and Path(resume).name,
-               "train_runtime_s": result.metrics.get("train_runtime")}
+               "train_runtime_s": result.metrics.get("train_runtime"),
+               "peak_gpu_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                    if torch.cuda.is_available() else None)}
     adapter_sha = sha256_file(adapter_dir / "adapter_model.safetensors")
     record = {
         "train_key": key, "flow_run_id": flow_run_id, "flow_run_url": _flow_run_url(flow_run_id),
@@ -528,6 +603,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
             "base_revision_from": preflight.adapter and preflight.adapter.base_revision_from},
         "metrics": metrics, "loss_history": losses,
         "versions": _library_versions(), "hardware": _hardware(),
+        "distributed": distributed,
     }
     (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
     # The card and lineage are written now, so a later (re-)publish sends these bytes.

@@ -34,6 +34,9 @@ def test_two_processes_train_like_one_at_the_same_global_batch(hub, as_user):
     assert run_dir != Path(single["adapter"]["path"]).parent
     assert _events(run_dir, "train_log.rank1.jsonl"), "rank 1 did not train"
     assert not (run_dir / "adapter" / "training_args.bin").exists()
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["distributed"] == {"world_size": 2, "strategy": "ddp",
+                                     "replicas_identical": True}
     s, d = single["metrics"], ddp["metrics"]
     assert d["steps"] == s["steps"] == 60
     assert d["last_loss"] <= 0.7 * d["first_loss"]

@@ -24,6 +24,12 @@ CASES = {
     "nf4": ["quantization.mode=nf4", "quantization.compute_dtype=float32"],
     "fp4-double-bf16": ["model.dtype=bfloat16", "quantization.mode=fp4",
                         "quantization.double_quant=true", "quantization.compute_dtype=bfloat16"],
+    "fp4-bf16-upcast": ["model.dtype=bfloat16", "quantization.mode=fp4",
+                        "quantization.upcast_non_quantized=true"],
+    # Speed levers (issue #7) that run on CPU: packing, checkpointing only some layers.
+    "packing": ["training.packing=true", "data.max_length=128"],
+    "checkpoint-first-layer": ["training.gradient_checkpointing=true",
+                               "training.checkpoint_layers=1"],
 }
 ROWS, LENGTH = 32, 32
 
@@ -95,8 +101,8 @@ def test_each_cpu_loading_option_trains_and_reloads(case, base_dir, dataset, tmp
     with torch.no_grad():
         trained = model(input_ids=ids).logits.float()
     fresh = load_base_model(profile.model, profile.quantization, str(base_dir))
-    if profile.quantization.mode != "none":
-        # As training had it: k-bit preparation upcasts the unquantized 16-bit weights.
+    if profile.quantization.mode != "none" and profile.quantization.upcast_non_quantized:
+        # As training had it: peft's k-bit preparation upcasts the unquantized weights.
         fresh = prepare_model_for_kbit_training(fresh, use_gradient_checkpointing=False)
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
     reloaded.eval()

@@ -81,7 +81,12 @@ def test_8b_preset_is_quantized_and_the_1b_is_not():
     # 32 blocks × 7 linear layers in 4 bits; embeddings and lm_head stay unquantized.
     assert est8.quantized_parameters == 8_030_261_248 - 2 * 128256 * 4096 - 65 * 4096
     assert 5.0 * GiB < est8.loaded_weights_bytes < 6.0 * GiB   # ≈3.5 GiB 4-bit + 2 GiB bf16
-    assert est8.weights_bytes > est8.loaded_weights_bytes       # k-bit prep: fp32 upcast
+    assert est8.weights_bytes == est8.loaded_weights_bytes      # 16-bit rest: no upcast
+    upcast = memory.estimate_training_memory(
+        load_profile("llama-3.1-8b-qlora", ["quantization.upcast_non_quantized=true"]),
+        llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B)
+    assert upcast.weights_bytes > upcast.loaded_weights_bytes   # peft's k-bit prep: fp32
+    assert upcast.activation_mode == "fp32" and est8.activation_mode == "mixed16"
     est1 = memory.estimate_training_memory(load_profile("llama-3.2-1b-lora"),
                                            llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B)
     assert est1.quantized_parameters == 0

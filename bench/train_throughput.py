@@ -1,0 +1,360 @@
+"""loraflow's training step against plain transformers+peft, side by side (issue #7).
+
+One invocation = one model shape. In one process, one after the other: the plain
+baseline first (bench/baseline_peft.py's loop, or its padded / learnable variants below),
+then loraflow's `tasks.train.run_train` — the code train_adapter runs — with the speed
+levers set by profile fields. The baseline goes first because Liger patches
+transformers' Llama classes for the rest of the process.
+
+Every optimizer step sees the whole (small) dataset — one epoch per step — so each step
+of both sides trains on the same examples and the same number of non-padding tokens.
+Prints and appends to OUTDIR/throughput.jsonl one JSON line per case: tokens/s (non-
+padding), model TFLOP/s, MFU (2 × forward FLOPs per token, 989 TFLOP/s peak), peak GiB,
+and for loraflow its ratio to the baseline of the same invocation.
+
+usage (GPU machine, repo root, wheel bundle incl. liger-kernel installed):
+    python bench/train_throughput.py OUTDIR llama-1b|llama-8b|llama-8b-nf4|varlen|learn
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import baseline_peft  # noqa: E402  (the shared baseline, unchanged)
+
+SEQ, WARM, STEPS = 2048, 3, 8
+LOG_EVERY = 3  # loraflow logs (and so synchronizes) every 3rd step, as a user's run would
+WORK = Path("/tmp/lf-throughput")
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+# loraflow's cases per invocation: name → (global batch, per-device batch, profile fields).
+FAST = {"liger_kernel": "auto"}
+CASES = {
+    "llama-1b": (8, [("bs8", 8, {**FAST})]),
+    "llama-8b": (4, [("bs2x2", 2, {**FAST})] + [
+        (f"bs4-ckpt{n}", 4, {**FAST, "gradient_checkpointing": True, "checkpoint_layers": n})
+        for n in (18, 24, 28)] + [
+        ("bs4-ckpt-all", 4, {**FAST, "gradient_checkpointing": True})]),
+    "llama-8b-nf4": (4, [("bs4-ckpt-all", 4, {**FAST, "gradient_checkpointing": True})] + [
+        (f"bs4-ckpt{n}", 4, {**FAST, "gradient_checkpointing": True, "checkpoint_layers": n})
+        for n in (26, 28)]),
+}
+
+
+def free_cuda() -> None:
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def save_random_model(shape: str) -> Path:
+    """The baseline's random model (same seed, same construction), saved with the seeded
+    tiny tokenizer files (the data is pre-tokenized), under WORK/<shape>: the path the
+    baseline's own quantized loader reads from."""
+    path = WORK / shape
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from localhub.seed_data import model_files
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**baseline_peft.SHAPES[shape], max_position_embeddings=8192)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(cfg)
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(str(path))
+    for name, data in model_files().items():
+        if name.startswith(("tokenizer", "special_tokens")):
+            (path / name).write_bytes(data)
+    del model
+    free_cuda()
+    return path
+
+
+def random_rows(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    return rs.randint(0, 128256, size=(count, length)).tolist()
+
+
+def varlen_lengths(count: int, seed: int = 0) -> list[int]:
+    """Log-normal with median 256 and 95th percentile 1024, capped at 2048."""
+    import numpy as np
+
+    sigma = math.log(1024 / 256) / 1.6449
+    rs = np.random.RandomState(seed)
+    return [int(min(SEQ, max(2, round(x)))) for x in rs.lognormal(math.log(256), sigma, count)]
+
+
+def alphabet_rows(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """The learnable task of bench/distributed_gpu.py: a random order of the same 16
+    token ids, repeated."""
+    from distributed_gpu import synthetic_rows
+
+    return synthetic_rows(count, length, seed)
+
+
+def write_dataset(rows: list[list[int]], name: str) -> dict:
+    import datasets
+
+    path = WORK / "data" / name
+    if not (path / "train").exists():
+        datasets.Dataset.from_dict({"input_ids": rows, "labels": rows, "attention_mask":
+                                    [[1] * len(r) for r in rows]}).save_to_disk(str(path / "train"))
+    return {"path": str(path), "key": name, "num_train": len(rows), "num_eval": 0,
+            "train_tokens": sum(len(r) for r in rows)}
+
+
+def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
+                 global_batch: int, fields: dict, steps: int, lr: float = 1e-4,
+                 log_every: int = LOG_EVERY) -> dict:
+    """tasks.train.run_train on the saved model. The step time is the time between the
+    logged losses (a log synchronizes with the GPU) from step WARM on, per step; the
+    losses are those logged every `log_every` steps."""
+    from profiles.schema import Profile
+    from tasks.dataset import DatasetManifest
+    from tasks.download import SnapshotManifest
+    from tasks.preflight import PreflightReport
+    from tasks.train import read_step_log, run_train
+
+    from distributed_gpu import inputs_for
+
+    home = WORK / f"home-{time.time_ns()}"
+    os.environ["LORAFLOW_HOME"] = str(home)
+    profile = Profile.model_validate({
+        "model": {"id": "bench/random", "dtype": "bfloat16", "attn_implementation": "sdpa"},
+        "quantization": {"mode": quant} if quant != "none" else {"mode": "none"},
+        "lora": LORA,
+        "data": {"dataset": "bench/synthetic", "max_length": SEQ, "eval_split": 0},
+        "training": {"learning_rate": lr, "max_steps": steps, "per_device_batch_size":
+                     per_device, "global_batch_size": global_batch, "lr_scheduler": "constant",
+                     "logging_steps": log_every, "save_steps": 100000, "seed": 0, **fields},
+        "publish": {"repo_id": "bench/unpublished"}})
+    inputs = inputs_for(model_dir, dataset, profile)
+    result = run_train(Profile.model_validate(inputs["profile"]),
+                       PreflightReport.model_validate(inputs["preflight"]),
+                       SnapshotManifest.model_validate(inputs["snapshot"]),
+                       DatasetManifest.model_validate(inputs["dataset"]))
+    events = [e for e in read_step_log(Path(result.run_dir)) if e["event"] == "loss"]
+    timed = [e for e in events if e["step"] >= WARM]
+    step_s = ((timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"])
+              if len(timed) > 1 else None)
+    record = json.loads((Path(result.run_dir) / "record.json").read_text())
+    free_cuda()
+    return {"step_s": step_s,
+            "losses": [e["loss"] for e in events],
+            "peak_mem_gib": record["metrics"]["peak_gpu_mem_gib"],
+            "init": str(Path(result.run_dir) / "adapter_init.safetensors")}
+
+
+def rates(step_s: float, tokens_per_step: float, cfg, seq_for_flops: int) -> dict:
+    tps = tokens_per_step / step_s
+    tflops = baseline_peft.flops_per_token(cfg, seq_for_flops) * tps / 1e12
+    return {"step_s": round(step_s, 4), "tokens_per_s": round(tps),
+            "model_tflops": round(tflops, 1), "mfu": round(tflops / baseline_peft.PEAK, 3)}
+
+
+def peft_model(model_dir: Path, ckpt: bool, seed: int = 0):
+    """The plain path on the saved weights: bf16, SDPA, LoRA r=16 all-linear."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(**baseline_peft_lora()))
+    model.train()
+    return model
+
+
+def baseline_peft_lora() -> dict:
+    return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                task_type="CAUSAL_LM")
+
+
+def baseline_padded(model_dir: Path, lengths: list[int], micro: int, seed: int = 0) -> dict:
+    """The plain loop over variable-length examples, each micro-batch padded to its longest
+    (as transformers' default collator pads), gradients accumulated over the dataset."""
+    import torch
+
+    model = peft_model(model_dir, ckpt=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            weight_decay=0.0, fused=True)
+    rows = random_rows(len(lengths), SEQ, seed)
+    batches = []
+    for i in range(0, len(lengths), micro):
+        group = list(range(i, min(i + micro, len(lengths))))
+        longest = max(lengths[j] for j in group)
+        ids = torch.zeros((len(group), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, j in enumerate(group):
+            ids[r, :lengths[j]] = torch.tensor(rows[j][:lengths[j]])
+            mask[r, :lengths[j]] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append((ids.cuda(), mask.cuda(), labels.cuda()))
+    real = sum(lengths)
+    times = []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(WARM + STEPS):
+        start = time.time()
+        for ids, mask, labels in batches:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            (loss / len(batches)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.time() - start)
+    step = statistics.median(times[WARM:])
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt, batches
+    free_cuda()
+    return {"step_s": step, "real_tokens_per_step": real,
+            "padded_tokens_per_step": None, "peak_mem_gib": round(peak, 2)}
+
+
+def baseline_learn(model_dir: Path, rows: list[list[int]], steps: int, lr: float) -> dict:
+    """The plain loop on the learnable task: the whole batch every step, AdamW as the
+    Trainer configures it (no weight decay, gradient norm clipped at 1.0)."""
+    import torch
+
+    model = peft_model(model_dir, ckpt=False)
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.0, fused=True)
+    ids = torch.tensor(rows, device="cuda")
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as the Trainer's bf16 runs
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    del model, opt
+    free_cuda()
+    return {"losses": losses, "init": init}
+
+
+def emit(out: Path, row: dict) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(out / "throughput.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def fixed_length(out: Path, shape_arg: str) -> None:
+    from transformers import LlamaConfig
+
+    quant = shape_arg.endswith("-nf4")
+    shape = shape_arg.removesuffix("-nf4")
+    global_batch, cases = CASES[shape_arg]
+    model_dir = save_random_model(shape)
+    cfg = LlamaConfig(**baseline_peft.SHAPES[shape])
+    base = baseline_peft.run(shape, quant, SEQ, global_batch, ckpt=shape != "llama-1b",
+                             liger=False, steps=STEPS, warm=WARM, tmp=str(WORK))
+    emit(out, {"shape": shape_arg, "path": "baseline", **base})
+    free_cuda()
+    dataset = write_dataset(random_rows(global_batch, SEQ), f"fixed-{global_batch}")
+    for name, per_device, fields in cases:
+        try:
+            r = run_loraflow(model_dir, dataset, "nf4" if quant else "none", per_device,
+                             global_batch, fields, WARM + 4 * LOG_EVERY)
+        except Exception as exc:  # one failing case must not hide the others
+            emit(out, {"shape": shape_arg, "path": "loraflow", "case": name,
+                       "error": repr(exc)[:800]})
+            free_cuda()
+            continue
+        row = {"shape": shape_arg, "path": "loraflow", "case": name, "fields": fields,
+               **rates(r["step_s"], global_batch * SEQ, cfg, SEQ),
+               "peak_mem_gib": r["peak_mem_gib"]}
+        row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
+        emit(out, row)
+
+
+def variable_length(out: Path) -> None:
+    """1B shape: 64 examples of log-normal lengths per step; the baseline pads each
+    micro-batch of 8, loraflow packs micro-batches of 32 into rows of 2048."""
+    from transformers import LlamaConfig
+
+    shape = "llama-1b"
+    model_dir = save_random_model(shape)
+    cfg = LlamaConfig(**baseline_peft.SHAPES[shape])
+    lengths = varlen_lengths(64)
+    mean_len = round(sum(lengths) / len(lengths))
+    base = baseline_padded(model_dir, lengths, micro=8)
+    base_row = {"shape": "llama-1b-varlen", "path": "baseline-padded", "examples": 64,
+                "mean_length": mean_len, "micro_batch": 8,
+                **rates(base["step_s"], base["real_tokens_per_step"], cfg, mean_len),
+                "peak_mem_gib": base["peak_mem_gib"]}
+    emit(out, base_row)
+    rows = [r[:n] for r, n in zip(random_rows(64, SEQ), lengths)]
+    dataset = write_dataset(rows, "varlen-64")
+    for name, per_device, fields in [("packed-32", 32, {**FAST, "packing": True})]:
+        r = run_loraflow(model_dir, dataset, "none", per_device, 64, fields,
+                         WARM + 4 * LOG_EVERY)
+        row = {"shape": "llama-1b-varlen", "path": "loraflow", "case": name, "fields": fields,
+               **rates(r["step_s"], sum(lengths), cfg, mean_len),
+               "peak_mem_gib": r["peak_mem_gib"]}
+        row["speedup"] = round(row["tokens_per_s"] / base_row["tokens_per_s"], 3)
+        emit(out, row)
+
+
+def learnable(out: Path, steps: int = 50, lr: float = 5e-4) -> None:
+    """1B shape, 8 × 2048 tokens of the alphabet task, 50 steps: per-step losses of the
+    fast path against the plain loop (same weights, same batch every step)."""
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = save_random_model("llama-1b")
+    rows = alphabet_rows(8, SEQ)
+    base = baseline_learn(model_dir, rows, steps, lr)
+    dataset = write_dataset(rows, "alphabet-8")
+    fast = run_loraflow(model_dir, dataset, "none", 8, 8, {**FAST}, steps, lr=lr, log_every=1)
+    fast_init = load_file(fast["init"])
+    same_init = all(torch.equal(v.cpu(), fast_init[k.replace(".default", "")].to(v.dtype))
+                    for k, v in base["init"].items())
+    a, b = base["losses"], fast["losses"]
+    rel = [abs(x - y) / abs(x) for x, y in zip(a, b)]
+    emit(out, {"shape": "llama-1b-learnable", "steps": steps, "lr": lr,
+               "same_lora_init": same_init, "baseline_losses": a, "loraflow_losses": b,
+               "mean_rel_loss_diff": round(sum(rel) / len(rel), 4),
+               "max_rel_loss_diff": round(max(rel), 4),
+               "loss_first_last": [a[0], a[-1], b[0], b[-1]]})
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    what = sys.argv[2]
+    if what == "varlen":
+        variable_length(out)
+    elif what == "learn":
+        learnable(out)
+    else:
+        fixed_length(out, what)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Training-speed levers, each a profile option (issue #7): Liger's fused kernels, a
+k-bit preparation that keeps the non-quantized weights in 16 bits, and activation
+checkpointing of only some layers. Packing lives in tasks/packing.py.
+
+Imports torch lazily, like tasks/modeling.py.
+"""
+from __future__ import annotations
+
+from profiles.schema import Profile
+from tasks import errors
+
+
+def liger_available() -> bool:
+    """Liger's kernels are Triton kernels: they need the package and a CUDA GPU."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def use_liger(profile: Profile) -> bool:
+    """training.liger_kernel: auto → on when it can run; true → required."""
+    choice = profile.training.liger_kernel
+    if choice == "auto":  # its loss and MLP patches are for decoder-only language models
+        return profile.model.task == "causal-lm" and liger_available()
+    if choice and not liger_available():
+        raise errors.ProfileError(
+            "training.liger_kernel: true needs the liger-kernel package and a CUDA GPU. "
+            "Fix: pip install 'loraflow[fast]' on a GPU machine, or set it to auto/false.")
+    return bool(choice)
+
+
+def apply_liger(base) -> None:
+    """Swap RMSNorm, RoPE and SwiGLU for Liger's kernels and make the causal-LM loss a
+    fused linear cross-entropy (the vocabulary-sized logits are never materialized),
+    before the adapter is injected: the patched MLP still calls the (LoRA-wrapped)
+    projections, and lm_head is not an adapter target."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=base)
+
+
+def prepare_kbit_without_upcast(base, gradient_checkpointing: bool):
+    """What peft's prepare_model_for_kbit_training does, minus its upcast of every
+    non-quantized weight (norms, embeddings, lm_head) to float32: freeze the base and, for
+    checkpointing, make the inputs require grad. Kept in 16 bits those weights run at
+    bf16 speed and take half the memory; LoRA's own weights are trained in float32 by
+    the optimizer either way (peft's autocast_adapter_dtype)."""
+    for param in base.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        base.enable_input_require_grads()
+    return base
+
+
+def checkpoint_only_first_layers(model, count: int) -> int:
+    """Turn activation checkpointing off for every decoder layer after the first `count`
+    (Trainer turned it on for all). Memory grows with the layers left out; each one
+    left out saves its forward recomputation. Returns how many layers checkpoint."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = layer.gradient_checkpointing and index < count
+    return sum(1 for layer in layers if layer.gradient_checkpointing)
+
+
+def partial_checkpointing_callback(count: int):
+    """A TrainerCallback applying checkpoint_only_first_layers once Trainer has enabled
+    checkpointing (at the start of train)."""
+    from transformers import TrainerCallback
+
+    class PartialCheckpointing(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            checkpoint_only_first_layers(model, count)
+
+    return PartialCheckpointing()
