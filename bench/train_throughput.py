@@ -13,7 +13,7 @@ padding), model TFLOP/s, MFU (2 × forward FLOPs per token, 989 TFLOP/s peak), p
 and for loraflow its ratio to the baseline of the same invocation.
 
 usage (GPU machine, repo root, wheel bundle incl. liger-kernel installed):
-    python bench/train_throughput.py OUTDIR llama-1b|llama-8b|llama-8b-nf4|varlen|learn
+    python bench/train_throughput.py OUTDIR llama-1b|llama-8b|llama-8b-nf4|varlen|learn [CASE ...]
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def emit(out: Path, row: dict) -> None:
         f.write(line + "\n")
 
 
-def fixed_length(out: Path, shape_arg: str) -> None:
+def fixed_length(out: Path, shape_arg: str, only: list[str]) -> None:
     from transformers import LlamaConfig
 
     quant = shape_arg.endswith("-nf4")
@@ -277,6 +277,8 @@ def fixed_length(out: Path, shape_arg: str) -> None:
     free_cuda()
     dataset = write_dataset(random_rows(global_batch, SEQ), f"fixed-{global_batch}")
     for name, per_device, fields in cases:
+        if only and name not in only:
+            continue
         try:
             r = run_loraflow(model_dir, dataset, "nf4" if quant else "none", per_device,
                              global_batch, fields, WARM + 4 * LOG_EVERY)
@@ -353,7 +355,7 @@ def main() -> None:
     elif what == "learn":
         learnable(out)
     else:
-        fixed_length(out, what)
+        fixed_length(out, what, sys.argv[3:])
 
 
 if __name__ == "__main__":

@@ -31,14 +31,40 @@ def use_liger(profile: Profile) -> bool:
     return bool(choice)
 
 
+# (module, its globals before Liger patched it), undone by undo_module_patches().
+_PATCHED: list[tuple[object, dict]] = []
+
+
 def apply_liger(base) -> None:
     """Swap RMSNorm, RoPE and SwiGLU for Liger's kernels and make the causal-LM loss a
     fused linear cross-entropy (the vocabulary-sized logits are never materialized),
     before the adapter is injected: the patched MLP still calls the (LoRA-wrapped)
-    projections, and lm_head is not an adapter target."""
+    projections, and lm_head is not an adapter target.
+
+    Liger also replaces globals of the model's modeling module (the RoPE function, the
+    norm and MLP classes), which would reach every later model of that type in this
+    process — a CPU model in the verify step then fails inside a Triton kernel. They
+    are remembered here and put back by undo_module_patches() once training is done.
+    """
+    import sys
+
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
+    module = sys.modules[type(base).__module__]
+    _PATCHED.append((module, dict(vars(module))))
     _apply_liger_kernel_to_instance(model=base)
+
+
+def undo_module_patches() -> int:
+    """Put back every module global apply_liger changed; returns how many."""
+    restored = 0
+    while _PATCHED:
+        module, saved = _PATCHED.pop()
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+                restored += 1
+    return restored
 
 
 def prepare_kbit_without_upcast(base, gradient_checkpointing: bool):

@@ -625,7 +625,12 @@ def train_adapter(profile: Profile, preflight: PreflightReport, snapshot: Snapsh
     train_key; a retry resumes from the last checkpoint."""
     launcher, nproc = resolve_launcher(profile.training)
     if launcher == "single":
-        return run_train(profile, preflight, snapshot, dataset, flow_run_id)
+        from tasks.speed import undo_module_patches
+
+        try:
+            return run_train(profile, preflight, snapshot, dataset, flow_run_id)
+        finally:
+            undo_module_patches()  # later steps of this process load models unpatched
     from prefect.logging import get_run_logger
 
     out = run_dir_for(train_key(profile, snapshot, dataset))

@@ -62,3 +62,17 @@ def test_speed_options_that_do_not_fit_are_refused(sets, field):
     with pytest.raises(ProfileError) as err:
         load_profile("quickstart", sets)
     assert field in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_module_globals_a_kernel_patch_changed_are_put_back():
+    """What apply_liger records (it needs a GPU), undone as after training: a later
+    model of the same type in this process runs transformers' own functions."""
+    from transformers.models.llama import modeling_llama
+
+    from tasks import speed
+
+    original = modeling_llama.apply_rotary_pos_emb
+    speed._PATCHED.append((modeling_llama, dict(vars(modeling_llama))))
+    modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None   # as Liger's RoPE patch does
+    assert speed.undo_module_patches() == 1
+    assert modeling_llama.apply_rotary_pos_emb is original and speed._PATCHED == []
