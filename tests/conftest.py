@@ -93,3 +93,32 @@ def session_dir() -> Path:
 def as_user(hub):
     """`with as_user("demo"): ...` runs the body with that user's token in HF_TOKEN."""
     return lambda user: hub_user(hub, user)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """The seeded tiny Llama's files, written straight from the seed (no server needed)."""
+    from localhub import seed_data
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    for name, data in seed_data.model_files().items():
+        (d / name).write_bytes(data)
+    return d
+
+
+@pytest.fixture(scope="session")
+def pattern_dataset(tmp_path_factory):
+    """32 rows of a learnable pattern (consecutive ids, 32 tokens), saved as
+    prepare_dataset saves them: training at the step level without the dataset step."""
+    import datasets
+
+    from tasks.dataset import DatasetManifest
+
+    rows_n, length = 32, 32
+    d = tmp_path_factory.mktemp("pattern-data")
+    rows = [[4 + (i * 7 + j) % 500 for j in range(length)] for i in range(rows_n)]
+    datasets.Dataset.from_dict({"input_ids": rows, "labels": rows,
+                                "attention_mask": [[1] * length] * rows_n}).save_to_disk(
+        str(d / "train"))
+    return DatasetManifest(path=str(d), key="pattern", num_train=rows_n, num_eval=0,
+                           train_tokens=rows_n * length)

@@ -79,7 +79,7 @@ def test_run_from_the_ui_form_with_a_changed_lora_rank(stack, browser, hub):
         rank.wait_for(timeout=30_000)
         assert rank.input_value() == "8"
         # Closed choices are dropdowns, every field carries its description.
-        assert "LoraConfig.r: the adapter rank." in lora.inner_text()
+        assert "LoraConfig.r / LoHaConfig.r / LoKrConfig.r: the adapter rank" in lora.inner_text()
         dtype = _property(page, "Dtype (Optional)")
         assert dtype.locator("button.p-select-button__control").inner_text() == "float32"
         rank.fill(str(RANK))

@@ -47,35 +47,9 @@ CASES = {
     "adapter_name": ["lora.adapter_name=mine"],
     "bf16-autocast-off": ["model.dtype=bfloat16", "lora.autocast_adapter_dtype=false"],
 }
-ROWS, LENGTH = 32, 32
 IDS = [[1, 5, 9, 13, 17, 21, 25, 29]]
 # Tensors each adapted module gets, per method (modules_to_save / DoRA add their own).
 PER_MODULE = {"lora": 2, "ia3": 1, "loha": 4, "lokr": 3}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from localhub import seed_data
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    for name, data in seed_data.model_files().items():
-        (d / name).write_bytes(data)
-    return d
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    import datasets
-
-    from tasks.dataset import DatasetManifest
-
-    d = tmp_path_factory.mktemp("data")
-    rows = [[4 + (i * 7 + j) % 500 for j in range(LENGTH)] for i in range(ROWS)]
-    datasets.Dataset.from_dict({"input_ids": rows, "labels": rows,
-                                "attention_mask": [[1] * LENGTH] * ROWS}).save_to_disk(
-        str(d / "train"))
-    return DatasetManifest(path=str(d), key="adapters", num_train=ROWS, num_eval=0,
-                           train_tokens=ROWS * LENGTH)
 
 
 def _profile(sets, steps=12):
@@ -100,7 +74,7 @@ def _wrapped(model) -> set:
     return {n for n, m in base.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
-def _train(model, profile, base_dir, dataset, out):
+def _train(model, profile, tiny_llama_dir, pattern_dataset, out):
     """Train the model's active adapter; (trainable tensors before, losses)."""
     from transformers import AutoTokenizer, set_seed
 
@@ -108,8 +82,8 @@ def _train(model, profile, base_dir, dataset, out):
 
     set_seed(0)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer, _ = build_trainer(profile, model, AutoTokenizer.from_pretrained(str(base_dir)),
-                               dataset, out)
+    trainer, _ = build_trainer(profile, model, AutoTokenizer.from_pretrained(str(tiny_llama_dir)),
+                               pattern_dataset, out)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return before, losses, trainer
@@ -132,7 +106,7 @@ class Trained:
 _STATE: dict = {}
 
 
-def _run_case(case, base_dir, dataset, tmp_root) -> Trained:
+def _run_case(case, tiny_llama_dir, pattern_dataset, tmp_root) -> Trained:
     if case in _STATE:
         return _STATE[case]
     from transformers import set_seed
@@ -143,12 +117,12 @@ def _run_case(case, base_dir, dataset, tmp_root) -> Trained:
     profile = _profile(CASES[case])
     out = tmp_root / case
     set_seed(0)
-    base = load_base_model(profile.model, profile.quantization, str(base_dir))
+    base = load_base_model(profile.model, profile.quantization, str(tiny_llama_dir))
     linears, heads, _ = adapters.model_modules(base)
     predicted = set(adapters.targeted_names(profile.lora, linears, heads))
     model = inject_adapter(base, profile.lora, profile.quantization, False)
     initial = adapters.save_initial_adapter(model, profile.lora, out / "adapter_init_peft")
-    before, losses, trainer = _train(model, profile, base_dir, dataset, out / "run")
+    before, losses, trainer = _train(model, profile, tiny_llama_dir, pattern_dataset, out / "run")
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     adapters.save_adapter(model, out / "adapter", profile.lora.adapter_name,
                           base_repo="tinylabs/tiny-llama", base_commit="0" * 40,
@@ -165,13 +139,13 @@ def tmp_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_adapter_option_trains_and_reloads(case, base_dir, dataset, tmp_root):
+def test_each_adapter_option_trains_and_reloads(case, tiny_llama_dir, pattern_dataset, tmp_root):
     import torch
     from peft import PeftModel
 
     from tasks.modeling import load_base_model
 
-    t = _run_case(case, base_dir, dataset, tmp_root)
+    t = _run_case(case, tiny_llama_dir, pattern_dataset, tmp_root)
     lora = t.profile.lora
     assert t.wrapped == t.predicted and t.wrapped
     assert _unchanged(t.model, t.before) == []
@@ -188,7 +162,7 @@ def test_each_adapter_option_trains_and_reloads(case, base_dir, dataset, tmp_roo
     assert saved["base_model_name_or_path"] == "tinylabs/tiny-llama"
     assert not (t.adapter_dir / lora.adapter_name).exists()       # flat, whatever its name
     fresh = load_base_model(t.profile.model, t.profile.quantization,
-                            str(base_dir))
+                            str(tiny_llama_dir))
     reloaded = PeftModel.from_pretrained(fresh, str(t.adapter_dir),
                                          autocast_adapter_dtype=lora.autocast_adapter_dtype)
     again = _logits(reloaded)
@@ -208,7 +182,7 @@ def test_each_adapter_option_trains_and_reloads(case, base_dir, dataset, tmp_roo
             torch.float32}
 
 
-def test_two_named_adapters_on_one_model(base_dir, dataset, tmp_path):
+def test_two_named_adapters_on_one_model(tiny_llama_dir, pattern_dataset, tmp_path):
     import torch
 
     from tasks import adapters
@@ -216,15 +190,15 @@ def test_two_named_adapters_on_one_model(base_dir, dataset, tmp_path):
 
     first = _profile(["lora.adapter_name=first", "lora.target_modules=[q_proj, v_proj]"])
     second = _profile(["lora.adapter_name=second", "lora.r=4", "lora.init=gaussian"])
-    base = load_base_model(first.model, first.quantization, str(base_dir))
+    base = load_base_model(first.model, first.quantization, str(tiny_llama_dir))
     model = inject_adapter(base, first.lora, first.quantization, False)
-    before1, losses1, _ = _train(model, first, base_dir, dataset, tmp_path / "r1")
+    before1, losses1, _ = _train(model, first, tiny_llama_dir, pattern_dataset, tmp_path / "r1")
     assert _unchanged(model, before1) == [] and losses1[-1] < 0.95 * losses1[0]
     trained_first = {n: p.detach().clone() for n, p in model.named_parameters()
                      if ".first." in n}
 
     model = adapters.add_named_adapter(model, second.lora)
-    before2, losses2, _ = _train(model, second, base_dir, dataset, tmp_path / "r2")
+    before2, losses2, _ = _train(model, second, tiny_llama_dir, pattern_dataset, tmp_path / "r2")
     assert set(before2) and all(".second." in n for n in before2)   # only it trains
     assert _unchanged(model, before2) == [] and losses2[-1] < 0.95 * losses2[0]
     params = dict(model.named_parameters())
@@ -236,7 +210,7 @@ def test_two_named_adapters_on_one_model(base_dir, dataset, tmp_path):
         outs[name] = _logits(model)
         adapters.save_adapter(model, tmp_path / name, name)
     assert (outs["first"] - outs["second"]).abs().max() > 1e-3
-    fresh = load_base_model(first.model, first.quantization, str(base_dir))
+    fresh = load_base_model(first.model, first.quantization, str(tiny_llama_dir))
     reloaded = adapters.load_named_adapters(fresh, {n: str(tmp_path / n)
                                                     for n in ("first", "second")})
     for name in ("first", "second"):
@@ -252,7 +226,7 @@ def test_two_named_adapters_on_one_model(base_dir, dataset, tmp_path):
     assert "lora.method" in str(err.value) and "load_mixed" in str(err.value)
 
 
-def test_continuing_a_saved_adapter_starts_from_its_weights(base_dir, dataset, tmp_root,
+def test_continuing_a_saved_adapter_starts_from_its_weights(tiny_llama_dir, pattern_dataset, tmp_root,
                                                             tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -260,9 +234,9 @@ def test_continuing_a_saved_adapter_starts_from_its_weights(base_dir, dataset, t
     from tasks import adapters
     from tasks.modeling import inject_adapter, load_base_model
 
-    t = _run_case("lora", base_dir, dataset, tmp_root)
+    t = _run_case("lora", tiny_llama_dir, pattern_dataset, tmp_root)
     profile = _profile(["training.learning_rate=0.001"], steps=6)
-    base = load_base_model(profile.model, profile.quantization, str(base_dir))
+    base = load_base_model(profile.model, profile.quantization, str(tiny_llama_dir))
     model = inject_adapter(base, profile.lora, profile.quantization, False,
                            continue_from=str(t.adapter_dir))
     start = {k: v for k, v in _adapter_state(model).items()}
@@ -270,12 +244,12 @@ def test_continuing_a_saved_adapter_starts_from_its_weights(base_dir, dataset, t
     assert set(start) == set(saved) and all(torch.equal(start[k], saved[k]) for k in saved)
     assert torch.equal(_logits(model), t.trained)                  # where the first run ended
     model.train()
-    before, losses, _ = _train(model, profile, base_dir, dataset, tmp_path / "run")
+    before, losses, _ = _train(model, profile, tiny_llama_dir, pattern_dataset, tmp_path / "run")
     assert len(before) == len(saved) and _unchanged(model, before) == []
     # It goes on from a trained adapter: its loss starts where the fresh one's ended.
     assert losses[0] < (t.losses[0] + t.losses[-1]) / 2, (losses, t.losses)
     adapters.save_adapter(model, tmp_path / "adapter")
-    fresh = load_base_model(profile.model, profile.quantization, str(base_dir))
+    fresh = load_base_model(profile.model, profile.quantization, str(tiny_llama_dir))
     from peft import PeftModel
 
     assert torch.equal(_logits(PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))),
@@ -283,7 +257,7 @@ def test_continuing_a_saved_adapter_starts_from_its_weights(base_dir, dataset, t
 
     other = _profile(["lora.r=4"])
     with pytest.raises(Exception) as err:
-        inject_adapter(load_base_model(other.model, other.quantization, str(base_dir)),
+        inject_adapter(load_base_model(other.model, other.quantization, str(tiny_llama_dir)),
                        other.lora, other.quantization, False, continue_from=str(t.adapter_dir))
     assert "Fix" in str(err.value)
 
@@ -294,17 +268,17 @@ def _adapter_state(model):
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def test_mixed_lora_and_loha_for_inference(base_dir, dataset, tmp_root):
+def test_mixed_lora_and_loha_for_inference(tiny_llama_dir, pattern_dataset, tmp_root):
     import torch
     from peft import PeftModel
 
     from tasks import adapters
     from tasks.modeling import load_base_model
 
-    lora = _run_case("lora", base_dir, dataset, tmp_root)
-    loha = _run_case("loha", base_dir, dataset, tmp_root)
+    lora = _run_case("lora", tiny_llama_dir, pattern_dataset, tmp_root)
+    loha = _run_case("loha", tiny_llama_dir, pattern_dataset, tmp_root)
     p = lora.profile
-    mixed = adapters.load_mixed(load_base_model(p.model, p.quantization, str(base_dir)),
+    mixed = adapters.load_mixed(load_base_model(p.model, p.quantization, str(tiny_llama_dir)),
                                 {"lora": str(lora.adapter_dir), "loha": str(loha.adapter_dir)})
     assert not any(q.requires_grad for q in mixed.parameters())
     both = _logits(mixed)
@@ -327,9 +301,9 @@ def test_mixed_lora_and_loha_for_inference(base_dir, dataset, tmp_root):
             deltas.append(q(x) - base_y)
     assert torch.allclose(y_both, base_y + deltas[0] + deltas[1], atol=1e-6)
 
-    ia3 = _run_case("ia3", base_dir, dataset, tmp_root)
+    ia3 = _run_case("ia3", tiny_llama_dir, pattern_dataset, tmp_root)
     with pytest.raises(Exception) as err:
-        adapters.load_mixed(load_base_model(p.model, p.quantization, str(base_dir)),
+        adapters.load_mixed(load_base_model(p.model, p.quantization, str(tiny_llama_dir)),
                             {"lora": str(lora.adapter_dir), "ia3": str(ia3.adapter_dir)})
     assert "ia3" in str(err.value) and "Fix" in str(err.value)
     assert isinstance(PeftModel, type)

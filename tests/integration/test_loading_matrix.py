@@ -31,34 +31,6 @@ CASES = {
     "checkpoint-first-layer": ["training.gradient_checkpointing=true",
                                "training.checkpoint_layers=1"],
 }
-ROWS, LENGTH = 32, 32
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """The seeded tiny-llama's files, written straight from the seed (no server needed)."""
-    from localhub import seed_data
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    for name, data in seed_data.model_files().items():
-        (d / name).write_bytes(data)
-    return d
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Rows of a learnable pattern (consecutive ids), saved as prepare_dataset saves."""
-    import datasets
-
-    from tasks.dataset import DatasetManifest
-
-    d = tmp_path_factory.mktemp("data")
-    rows = [[4 + (i * 7 + j) % 500 for j in range(LENGTH)] for i in range(ROWS)]
-    datasets.Dataset.from_dict({"input_ids": rows, "labels": rows,
-                                "attention_mask": [[1] * LENGTH] * ROWS}).save_to_disk(
-        str(d / "train"))
-    return DatasetManifest(path=str(d), key="matrix", num_train=ROWS, num_eval=0,
-                           train_tokens=ROWS * LENGTH)
 
 
 def _profile(sets):
@@ -69,7 +41,7 @@ def _profile(sets):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_cpu_loading_option_trains_and_reloads(case, base_dir, dataset, tmp_path):
+def test_each_cpu_loading_option_trains_and_reloads(case, tiny_llama_dir, pattern_dataset, tmp_path):
     import torch
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
@@ -79,11 +51,11 @@ def test_each_cpu_loading_option_trains_and_reloads(case, base_dir, dataset, tmp
 
     profile = _profile(CASES[case])
     set_seed(0)
-    base = load_base_model(profile.model, profile.quantization, str(base_dir))
+    base = load_base_model(profile.model, profile.quantization, str(tiny_llama_dir))
     model = inject_adapter(base, profile.lora, profile.quantization, False)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer, _ = build_trainer(profile, model, AutoTokenizer.from_pretrained(str(base_dir)),
-                               dataset, tmp_path / "run")
+    trainer, _ = build_trainer(profile, model, AutoTokenizer.from_pretrained(str(tiny_llama_dir)),
+                               pattern_dataset, tmp_path / "run")
     trainer.train()
 
     unchanged = [n for n, p in model.named_parameters()
@@ -100,7 +72,7 @@ def test_each_cpu_loading_option_trains_and_reloads(case, base_dir, dataset, tmp
     model.eval()
     with torch.no_grad():
         trained = model(input_ids=ids).logits.float()
-    fresh = load_base_model(profile.model, profile.quantization, str(base_dir))
+    fresh = load_base_model(profile.model, profile.quantization, str(tiny_llama_dir))
     if profile.quantization.mode != "none" and profile.quantization.upcast_non_quantized:
         # As training had it: peft's k-bit preparation upcasts the unquantized weights.
         fresh = prepare_model_for_kbit_training(fresh, use_gradient_checkpointing=False)
@@ -132,7 +104,7 @@ def _grads_after_eval_forward(model, ids):
     return [n for n in first if not torch.allclose(first[n], second[n], atol=1e-6)]
 
 
-def test_cpu_4bit_eval_forward_leaves_gradients_alone(base_dir):
+def test_cpu_4bit_eval_forward_leaves_gradients_alone(tiny_llama_dir):
     import bitsandbytes as bnb
     import torch
 
@@ -143,7 +115,7 @@ def test_cpu_4bit_eval_forward_leaves_gradients_alone(base_dir):
 
     def build():
         torch.manual_seed(0)
-        base = load_base_model(profile.model, profile.quantization, str(base_dir))
+        base = load_base_model(profile.model, profile.quantization, str(tiny_llama_dir))
         model = inject_adapter(base, profile.lora, profile.quantization, False)
         for n, p in model.named_parameters():   # non-zero B, so every tensor gets gradient
             if "lora_B" in n:

@@ -19,22 +19,12 @@ def test_rows_hold_every_example_once_within_the_row_length():
     assert len(rows) <= 1.3 * sum(lengths) / 64 + 1      # first-fit wastes little
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from localhub import seed_data
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    for name, data in seed_data.model_files().items():
-        (d / name).write_bytes(data)
-    return d
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_the_unpacked_loss(tiny_llama, attn):
+def test_packed_loss_equals_the_unpacked_loss(tiny_llama_dir, attn):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32,
                                                  attn_implementation=attn).eval()
     rng = random.Random(1)
     examples = [[rng.randint(4, 500) for _ in range(n)] for n in (7, 20, 13, 30, 3, 16)]
