@@ -381,6 +381,12 @@ class TrainingSection(_Section):
     checkpoint_layers: Optional[int] = Field(
         None, ge=0, description="With gradient_checkpointing: checkpoint only the first N "
         "decoder layers (the rest keep their activations: faster, more memory). null: all.")
+    memory_cap_gib: Optional[float] = Field(
+        None, gt=0, description="A memory budget per GPU in GiB: preflight picks the "
+        "per-device batch (a divisor of the global batch) and how many layers to checkpoint "
+        "so that the estimated peak stays under it — as few checkpointed layers as fit, then "
+        "the largest batch — and training uses that choice (same global batch). null: train "
+        "with the batch and checkpointing as given.")
     packing: bool = Field(
         False, description="Pack each micro-batch's examples into rows of data.max_length "
         "tokens (position_ids restart per example, attention never crosses examples) "

@@ -239,6 +239,15 @@ class MemoryEstimate(BaseModel):
                 f"{self.tokens_per_step} tokens/step)")
 
 
+def checkpointed_layers(training, layers: int) -> int:
+    """How many decoder layers keep only their input (training.checkpoint_layers)."""
+    if not training.gradient_checkpointing:
+        return 0
+    if training.checkpoint_layers is None:
+        return layers
+    return min(training.checkpoint_layers, layers)
+
+
 def resolved_dtype(profile: Profile, on_gpu: bool, bf16_ok: bool = True) -> str:
     """model.dtype as tasks.modeling.torch_dtype resolves it."""
     if profile.model.dtype != "auto":
@@ -344,11 +353,11 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     dropout = lora.dropout if lora.method == "lora" else 0.0
     per_layer = _activation_per_token_layer(coef, d, f, layer_targets, dropout, eager)
     act_elem = 4 if mode == "fp32" else 2
-    if t.gradient_checkpointing:
-        # Each layer keeps its input; backward recomputes one layer at a time.
-        activations = tokens * (layers * act_elem * d + per_layer)
-    else:
-        activations = tokens * layers * per_layer
+    checkpointed = checkpointed_layers(t, layers)
+    # A checkpointed layer keeps its input and backward recomputes one at a time; the
+    # others keep everything.
+    activations = tokens * (checkpointed * act_elem * d + (layers - checkpointed) * per_layer
+                            + (per_layer if checkpointed else 0))
     # The loss is over the vocabulary per token for the language-model tasks; a
     # classification head has a handful of labels (per token, or per sequence).
     task = profile.model.task
@@ -455,6 +464,8 @@ class MemoryReport(BaseModel):
     capacity_bytes: Optional[int] = None
     fits: Optional[bool] = None      # None: nothing compared (training on CPU)
     gpus: list[Gpu] = []
+    # Under training.memory_cap_gib: the training fields chosen to fit the cap.
+    training: Optional[dict] = None
 
 
 class InsufficientMemoryError(errors.OutOfMemoryError):
@@ -579,6 +590,39 @@ def suggestions(profile: Profile, tensors: TensorSpecs, config: dict, gpus: list
     return out[:4]
 
 
+def fit_to_cap(profile: Profile, tensors: TensorSpecs, config: dict, on_gpu: bool,
+               bf16_ok: bool = True, processes: int = 1) -> dict:
+    """The training fields that keep the estimate under training.memory_cap_gib at the
+    same global batch: as few checkpointed layers as fit (recomputing a layer costs about
+    a third of its forward and backward), then the largest per-device batch that divides
+    the global batch (each of `processes` training processes takes its share).
+
+    Raises:
+        InsufficientMemoryError: nothing fits, not even one example with every layer
+            checkpointed.
+    """
+    t = profile.training
+    cap = t.memory_cap_gib * GiB
+    total = (t.global_batch_size // processes if t.global_batch_size
+             else t.per_device_batch_size * t.gradient_accumulation_steps)
+    batches = [b for b in range(total, 0, -1) if total % b == 0]
+    layers = estimate_training_memory(profile, tensors, config, on_gpu, bf16_ok).layers
+    for count in range(layers + 1):
+        for batch in batches:
+            fields = {"per_device_batch_size": batch, "gradient_checkpointing": count > 0,
+                      "checkpoint_layers": count if 0 < count < layers else None}
+            if t.global_batch_size is None:
+                fields["gradient_accumulation_steps"] = total // batch
+            trial = _variant(profile, training=fields)
+            peak = estimate_training_memory(trial, tensors, config, on_gpu, bf16_ok).peak_bytes
+            if peak <= cap:
+                return fields
+    raise InsufficientMemoryError(
+        f"training.memory_cap_gib: even one example per step with every layer checkpointed "
+        f"needs more than {t.memory_cap_gib} GiB. Fix: raise the cap, quantize "
+        "(quantization.mode nf4) or shorten data.max_length.")
+
+
 def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
                 gpus: Optional[list[Gpu]] = None, ram_bytes: Optional[int] = None
                 ) -> MemoryReport:
@@ -590,9 +634,18 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
     """
     gpus = visible_gpus() if gpus is None else gpus
     on_gpu = bool(gpus) and profile.model.device_map != "cpu"
+    bf16_ok = all(g.bf16 for g in gpus) if gpus else True
+    chosen = None
+    if profile.training.memory_cap_gib is not None:
+        from tasks.launch import resolve_launcher
+
+        processes = resolve_launcher(profile.training)[1]
+        chosen = fit_to_cap(profile, tensors, config, on_gpu, bf16_ok, processes)
+        profile = _variant(profile, training=chosen)
     estimate = estimate_training_memory(profile, tensors, config, on_gpu=on_gpu,
-                                        bf16_ok=all(g.bf16 for g in gpus) if gpus else True)
+                                        bf16_ok=bf16_ok)
     report = place(profile, estimate, gpus, ram_bytes)
+    report.training = chosen
     if report.fits is False:
         fixes = suggestions(profile, tensors, config, gpus, ram_bytes)
         fix = ("Fix, any of: " + "; ".join(fixes)) if fixes else (

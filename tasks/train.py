@@ -441,6 +441,16 @@ def _save_gathered_adapter(model, full_state: dict, initial: dict, adapter_dir: 
     config.save_pretrained(str(adapter_dir))
 
 
+def with_memory_plan(profile: Profile, preflight: PreflightReport) -> Profile:
+    """The profile with the batch and checkpointing preflight chose under
+    training.memory_cap_gib (tasks/memory.py fit_to_cap); the profile itself otherwise.
+    The cache key stays that of the profile as given: the choice follows from it."""
+    plan = preflight.memory.training if preflight.memory else None
+    if not plan:
+        return profile
+    return profile.model_copy(update={"training": profile.training.model_copy(update=plan)})
+
+
 def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotManifest,
               dataset: DatasetManifest, flow_run_id: Optional[str] = None) -> TrainResult:
     """Train the adapter into LORAFLOW_HOME/runs/<key>/, resuming from a checkpoint.
@@ -454,6 +464,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     adopted = _adopt(out)
     if adopted is not None:
         return adopted
+    given, profile = profile, with_memory_plan(profile, preflight)
     rank, local_rank, world_size = world()
     import torch
     from safetensors.torch import load_file, save_file
@@ -468,7 +479,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         # What keyed this run, readable while it is partial (`loraflow cache ls`).
-        (out / "inputs.json").write_text(json.dumps(train_inputs(profile, snapshot, dataset),
+        (out / "inputs.json").write_text(json.dumps(train_inputs(given, snapshot, dataset),
                                                     indent=1, sort_keys=True))
     set_seed(profile.training.seed)
     # pad = EOS only where the tokenizer has no pad token; data.padding_side applied.
@@ -588,7 +599,8 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     adapter_sha = sha256_file(adapter_dir / "adapter_model.safetensors")
     record = {
         "train_key": key, "flow_run_id": flow_run_id, "flow_run_url": _flow_run_url(flow_run_id),
-        "profile": profile.model_dump(mode="json"),
+        "profile": given.model_dump(mode="json"),
+        "memory_plan": preflight.memory.training if preflight.memory else None,
         "base_model": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
                        "license": preflight.base_model.license,
                        "files": snapshot.file_hashes()},
@@ -608,7 +620,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
     # The card and lineage are written now, so a later (re-)publish sends these bytes.
     write_publication_files(out, record, profile.publish.repo_id)
-    write_manifest(out, {"step": "train", "inputs": train_inputs(profile, snapshot, dataset)},
+    write_manifest(out, {"step": "train", "inputs": train_inputs(given, snapshot, dataset)},
                    include=_in_result)
     return TrainResult(run_dir=str(out), adapter_dir=str(adapter_dir), adapter_sha256=adapter_sha,
                        trainable_params=trainable, total_params=total, metrics=metrics)

@@ -171,3 +171,19 @@ def test_changing_lora_r_retrains_only_and_token_never_leaks(first_run, hub, as_
         pushed = Path(snapshot_download(REPO, revision=report["hub"]["commit"], cache_dir=tmp,
                                         endpoint=hub.url, token=hub.token("demo")))
         assert not [p for p in pushed.rglob("*") if p.is_file() and token in p.read_bytes()]
+
+
+def test_a_memory_cap_trains_with_the_batch_preflight_chose(as_user):
+    """training.memory_cap_gib: preflight picks the batch that fits (the tiny model needs
+    ≈14 MiB at 16 per step, ≈4 MiB at 4) and training runs with it, same global batch."""
+    report = _run(as_user, overrides=["training.memory_cap_gib=0.005", "training.max_steps=10",
+                                      "training.save_steps=5", "publish.when=on_approval"])
+    assert report["status"] == "completed", report["error"]
+    run_dir = Path(report["adapter"]["path"]).parent
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["memory_plan"] == {"per_device_batch_size": 4, "gradient_accumulation_steps": 4,
+                                     "gradient_checkpointing": False, "checkpoint_layers": None}
+    assert record["profile"]["training"]["per_device_batch_size"] == 16   # as given
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-10" / "trainer_state.json")
+                       .read_text())
+    assert state["train_batch_size"] == 4

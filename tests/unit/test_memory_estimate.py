@@ -267,3 +267,32 @@ def test_auto_dtype_follows_the_gpu():
                                             ("2TiB", 2 * 1024 * GiB)])
 def test_parse_size(size, expected):
     assert memory.parse_size(size) == expected
+
+
+def test_a_memory_cap_picks_the_fewest_checkpointed_layers_then_the_largest_batch():
+    base = ["model.dtype=bfloat16", "data.max_length=2048", "training.global_batch_size=4",
+            "training.per_device_batch_size=4", "lora.dropout=0"]
+
+    def peak(fields) -> float:
+        sets = [f"training.{k}={'null' if v is None else v}" for k, v in fields.items()]
+        profile = load_profile("llama-3.2-1b-lora", base + sets)
+        return memory.estimate_training_memory(profile, llama_tensors(LLAMA_3_1_8B),
+                                               LLAMA_3_1_8B).peak_bytes / GiB
+
+    def choose(cap):
+        profile = load_profile("llama-3.2-1b-lora", base + [f"training.memory_cap_gib={cap}"])
+        return memory.fit_to_cap(profile, llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B,
+                                 on_gpu=True)
+
+    # 8B in bf16 at 2048 tokens: under 40 GiB one or two examples fit without checkpointing.
+    roomy = choose(40)
+    assert not roomy["gradient_checkpointing"] and peak(roomy) <= 40
+    assert peak({**roomy, "per_device_batch_size": roomy["per_device_batch_size"] * 2}) > 40
+    # Under 24 GiB some layers must be checkpointed, and one fewer would not fit.
+    tight = choose(24)
+    assert tight["gradient_checkpointing"] and peak(tight) <= 24
+    fewer = (tight["checkpoint_layers"] or 32) - 1
+    assert peak({"per_device_batch_size": 1, "gradient_checkpointing": fewer > 0,
+                 "checkpoint_layers": fewer or None}) > 24
+    with pytest.raises(memory.InsufficientMemoryError, match="training.memory_cap_gib"):
+        choose(5)
