@@ -17,7 +17,18 @@ from tasks.task_types import head_kwargs, task_type
 CARD, LINEAGE, LOSS_CURVE = "README.md", "loraflow.json", "loss_curve.png"
 # What the lineage manifest keeps from the run record: enough to reproduce the run.
 LINEAGE_KEYS = ("profile", "base_model", "dataset", "adapter", "metrics", "flow_run_id",
-                "flow_run_url", "train_key", "versions", "hardware", "continued_from")
+                "flow_run_url", "train_key", "versions", "hardware", "continued_from",
+                "memory_plan", "distributed")
+
+METHOD_NAMES = {"lora": "LoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def _kind(method: str, quantized: bool) -> str:
+    """What the card calls the adapter: QLoRA for LoRA on a 4/8-bit base."""
+    name = METHOD_NAMES.get(method, method)
+    if quantized:
+        return "QLoRA" if method == "lora" else f"{name} (on a quantized base)"
+    return name
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -97,7 +108,7 @@ def render_model_card(record: dict, repo_id: str) -> str:
     body = f"""
 # {repo_id}
 
-A {'QLoRA' if quantized else 'LoRA'} adapter for `{base['repo_id']}`, trained and
+A {_kind(profile["lora"].get("method", "lora"), quantized)} adapter for `{base['repo_id']}`, trained and
 published by loraflow. Everything needed to reproduce the run is on this page and in
 `{LINEAGE}`.
 
