@@ -213,6 +213,12 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
             raise errors.ProfileError(
                 "model.dtype: auto means float32 on this GPU (no bfloat16), and "
                 "flash_attention_2 needs float16/bfloat16. Fix: set model.dtype to float16.")
+    if t.liger_kernel is True and (on_cpu or not _installed("liger_kernel")):
+        raise errors.ProfileError(
+            "training.liger_kernel: true needs the liger-kernel package and a CUDA GPU ("
+            f"{'none is visible here' if on_cpu else 'the package is not installed'}). Fix: "
+            "pip install 'loraflow[fast]' on a GPU machine, or set it to auto (on where it "
+            "can run) or false.")
     if m.attn_implementation == "flex_attention" and _major_minor("torch") < (2, 5):
         raise errors.ProfileError(
             "model.attn_implementation: flex_attention needs torch >= 2.5 (installed: "

@@ -152,3 +152,14 @@ def test_flex_attention_is_refused_for_cpu_training(monkeypatch):
     with pytest.raises(ProfileError, match="flex_attention has no backward pass on CPU"):
         _check(["model.attn_implementation=flex_attention"], [], monkeypatch=monkeypatch)
     _check(["model.attn_implementation=flex_attention"], GPU, monkeypatch=monkeypatch)
+
+
+def test_liger_kernel_true_needs_the_package_and_a_gpu(monkeypatch):
+    with pytest.raises(ProfileError, match="training.liger_kernel.*not installed"):
+        _check(["training.liger_kernel=true"], GPU, monkeypatch=monkeypatch)
+    with pytest.raises(ProfileError, match="training.liger_kernel.*none is visible"):
+        _check(["training.liger_kernel=true"], [], installed=("liger_kernel",),
+               monkeypatch=monkeypatch)
+    _check(["training.liger_kernel=true"], GPU, installed=("liger_kernel",),
+           monkeypatch=monkeypatch)
+    _check(["training.liger_kernel=auto"], [], installed=(), monkeypatch=monkeypatch)
