@@ -31,6 +31,10 @@ os.environ.update(
     HF_HOME=str(_SESSION_DIR / "hf-home"),
     PREFECT_HOME=str(_SESSION_DIR / "prefect"),
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    # Each CLI run or "pod" a test starts as a process brings up its own temporary Prefect
+    # server (≈10 s cold); on a busy 2-core CI machine Prefect's default 20 s wait for it
+    # ran out (RuntimeError: Timed out … ephemeral Prefect API server).
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     LORAFLOW_HOME=str(_SESSION_DIR / "loraflow"),
     TOKENIZERS_PARALLELISM="false",
 )
