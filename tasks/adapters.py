@@ -458,15 +458,22 @@ def load_mixed(base, adapters: dict[str, str]):
 
 # ------------------------------------------------------------------ continuation
 
-def section_from_adapter_config(config: dict) -> LoraSection:
-    """The lora section that describes a saved adapter (adapter_config.json), for
-    comparing with the profile's. Only the fields of its method are filled in."""
+def continued_method(config: dict, repo_id: str = "the adapter") -> str:
+    """loraflow's lora.method for a saved adapter_config.json; refused when loraflow does
+    not train that peft type."""
     method = PEFT_TYPES.get(config.get("peft_type"))
     if method is None:
         raise errors.ProfileError(
-            f"model.id: the adapter's peft_type {config.get('peft_type')!r} is not one loraflow "
-            f"trains ({', '.join(PEFT_TYPES)}). Fix: continue a LoRA, IA3, LoHa or LoKr "
-            "adapter, or start a fresh one on its base.")
+            f"model.id: '{repo_id}' is a {config.get('peft_type')} adapter; loraflow continues "
+            f"{', '.join(PEFT_TYPES)} adapters. Fix: pick one of those, or train a fresh "
+            "adapter on its base.")
+    return method
+
+
+def section_from_adapter_config(config: dict) -> LoraSection:
+    """The lora section that describes a saved adapter (adapter_config.json), for
+    comparing with the profile's. Only the fields of its method are filled in."""
+    method = continued_method(config)
     targets = config.get("target_modules")
     values = {
         "method": method,

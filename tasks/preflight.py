@@ -330,7 +330,7 @@ def resolve_adapter(api, profile: Profile) -> Optional[AdapterRef]:
     from huggingface_hub import errors as hf
 
     from profiles.schema import REPO_ID_RE, SHA_RE
-    from tasks.adapters import PEFT_TYPES
+    from tasks.adapters import continued_method
 
     m, lora = profile.model, profile.lora
     try:
@@ -361,12 +361,7 @@ def resolve_adapter(api, profile: Profile) -> Optional[AdapterRef]:
             "loads safetensors only; pickled .bin files can run code). Fix: pick a revision "
             "or repo with safetensors adapter weights.")
     config = json.loads(Path(config_path).read_text())
-    method = PEFT_TYPES.get(config.get("peft_type"))
-    if method is None:
-        raise errors.ProfileError(
-            f"model.id: '{m.id}' is a {config.get('peft_type')} adapter; loraflow continues "
-            f"{', '.join(PEFT_TYPES)} adapters. Fix: pick one of those, or train a fresh "
-            "adapter on its base.")
+    method = continued_method(config, m.id)
     if method != lora.method:
         raise errors.ProfileError(
             f"lora.method: {lora.method}, but '{m.id}' is a {config['peft_type']} adapter, "
