@@ -39,15 +39,30 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 # loraflow's cases per invocation: name → (global batch, per-device batch, profile fields).
 FAST = {"liger_kernel": "auto"}
+COMPILE = {"torch_compile": True}
+CKPT = {"gradient_checkpointing": True}
 CASES = {
-    "llama-1b": (8, [("bs8", 8, {**FAST})]),
+    "llama-1b": (8, [("bs8", 8, {**FAST}),
+                     ("bs8-compile", 8, {**FAST, **COMPILE}),
+                     ("bs8-no-liger", 8, {"liger_kernel": False}),
+                     ("bs8-no-liger-compile", 8, {"liger_kernel": False, **COMPILE})]),
     "llama-8b": (4, [("bs2x2", 2, {**FAST})] + [
-        (f"bs4-ckpt{n}", 4, {**FAST, "gradient_checkpointing": True, "checkpoint_layers": n})
+        (f"bs4-ckpt{n}", 4, {**FAST, **CKPT, "checkpoint_layers": n})
         for n in (18, 24, 28)] + [
-        ("bs4-ckpt-all", 4, {**FAST, "gradient_checkpointing": True})]),
-    "llama-8b-nf4": (4, [("bs4-ckpt-all", 4, {**FAST, "gradient_checkpointing": True})] + [
-        (f"bs4-ckpt{n}", 4, {**FAST, "gradient_checkpointing": True, "checkpoint_layers": n})
-        for n in (26, 28)]),
+        ("bs4-ckpt-all", 4, {**FAST, **CKPT}),
+        ("bs2x2-compile", 2, {**FAST, **COMPILE}),
+        ("bs4-ckpt24-compile", 4, {**FAST, **CKPT, "checkpoint_layers": 24, **COMPILE}),
+        ("bs2x2-adamw_8bit", 2, {**FAST, "optimizer": "adamw_8bit"}),
+        ("bs2x2-paged_adamw_8bit", 2, {**FAST, "optimizer": "paged_adamw_8bit"}),
+        # preflight picks the batch and checkpointing (tasks/memory.py fit_to_cap)
+        ("cap48", 4, {**FAST, "memory_cap_gib": 48}),
+        ("cap31.3", 4, {**FAST, "memory_cap_gib": 31.3})]),
+    "llama-8b-nf4": (4, [("bs4-ckpt-all", 4, {**FAST, **CKPT})] + [
+        (f"bs4-ckpt{n}", 4, {**FAST, **CKPT, "checkpoint_layers": n})
+        for n in (26, 28)] + [
+        ("bs4-ckpt-all-compile", 4, {**FAST, **CKPT, **COMPILE}),
+        ("bs4-ckpt-all-adamw_8bit", 4, {**FAST, **CKPT, "optimizer": "adamw_8bit"}),
+        ("cap20", 4, {**FAST, "memory_cap_gib": 20})]),
 }
 
 
@@ -146,6 +161,12 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
                      "logging_steps": log_every, "save_steps": 100000, "seed": 0, **fields},
         "publish": {"repo_id": "bench/unpublished"}})
     inputs = inputs_for(model_dir, dataset, profile)
+    if profile.training.memory_cap_gib is not None:  # what preflight would plan
+        from tasks.memory import plan_memory, read_safetensors_headers
+
+        config = json.loads((model_dir / "config.json").read_text())
+        inputs["preflight"]["memory"] = plan_memory(
+            profile, read_safetensors_headers(model_dir), config).model_dump(mode="json")
     result = run_train(Profile.model_validate(inputs["profile"]),
                        PreflightReport.model_validate(inputs["preflight"]),
                        SnapshotManifest.model_validate(inputs["snapshot"]),
@@ -159,6 +180,7 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
     return {"step_s": step_s,
             "losses": [e["loss"] for e in events],
             "peak_mem_gib": record["metrics"]["peak_gpu_mem_gib"],
+            "memory_plan": record.get("memory_plan"),
             "init": str(Path(result.run_dir) / "adapter_init.safetensors")}
 
 
@@ -284,7 +306,7 @@ def fixed_length(out: Path, shape_arg: str, only: list[str]) -> None:
             continue
         row = {"shape": shape_arg, "path": "loraflow", "case": name, "fields": fields,
                **rates(r["step_s"], global_batch * SEQ, cfg, SEQ),
-               "peak_mem_gib": r["peak_mem_gib"]}
+               "peak_mem_gib": r["peak_mem_gib"], "memory_plan": r["memory_plan"]}
         row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
         emit(out, row)
 

@@ -1,6 +1,7 @@
 """Training-speed levers, each a profile option (issue #7): Liger's fused kernels, a
-k-bit preparation that keeps the non-quantized weights in 16 bits, and activation
-checkpointing of only some layers. Packing lives in tasks/packing.py.
+k-bit preparation that keeps the non-quantized weights in 16 bits, activation
+checkpointing of only some layers, and torch.compile of the decoder layers. Packing lives
+in tasks/packing.py.
 
 Imports torch lazily, like tasks/modeling.py.
 """
@@ -102,3 +103,17 @@ def partial_checkpointing_callback(count: int):
             checkpoint_only_first_layers(model, count)
 
     return PartialCheckpointing()
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (regional compilation): the layers are
+    alike, so inductor compiles one and reuses it for the rest — a fraction of the time
+    a whole-model compile (TrainingArguments.torch_compile) takes — and the embedding,
+    final norm and loss stay eager. In place, so the layer stays what Trainer's
+    checkpointing, peft and the saved adapter see. Returns how many layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)

@@ -210,6 +210,10 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         **({} if t.optimizer == "auto" else {"optim": t.optimizer}),  # auto: fused AdamW
         **_distributed_arguments(profile, model),
     )
+    if t.torch_compile:
+        from tasks.speed import compile_decoder_layers
+
+        compile_decoder_layers(model)
     collator = data_collator(profile.model.task, tokenizer, model)  # labels padded with -100
     if t.packing:
         from tasks.packing import PackingCollator
