@@ -38,13 +38,13 @@ WORK = Path("/tmp/lf-throughput")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 # loraflow's cases per invocation: name → (global batch, per-device batch, profile fields).
-FAST = {"liger_kernel": "auto"}
+FAST = {"liger_kernel": "auto", "torch_compile": False}
 COMPILE = {"torch_compile": True}
 CKPT = {"gradient_checkpointing": True}
 CASES = {
     "llama-1b": (8, [("bs8", 8, {**FAST}),
                      ("bs8-compile", 8, {**FAST, **COMPILE}),
-                     ("bs8-no-liger", 8, {"liger_kernel": False}),
+                     ("bs8-no-liger", 8, {"liger_kernel": False, "torch_compile": False}),
                      ("bs8-no-liger-compile", 8, {"liger_kernel": False, **COMPILE})]),
     "llama-8b": (4, [("bs2x2", 2, {**FAST})] + [
         (f"bs4-ckpt{n}", 4, {**FAST, **CKPT, "checkpoint_layers": n})
@@ -56,7 +56,8 @@ CASES = {
         ("bs2x2-paged_adamw_8bit", 2, {**FAST, "optimizer": "paged_adamw_8bit"}),
         # preflight picks the batch and checkpointing (tasks/memory.py fit_to_cap)
         ("cap48", 4, {**FAST, "memory_cap_gib": 48}),
-        ("cap31.3", 4, {**FAST, "memory_cap_gib": 31.3})]),
+        ("cap31.3", 4, {**FAST, "memory_cap_gib": 31.3}),
+        ("cap31.3-compile", 4, {**FAST, **COMPILE, "memory_cap_gib": 31.3})]),
     "llama-8b-nf4": (4, [("bs4-ckpt-all", 4, {**FAST, **CKPT})] + [
         (f"bs4-ckpt{n}", 4, {**FAST, **CKPT, "checkpoint_layers": n})
         for n in (26, 28)] + [
@@ -329,7 +330,9 @@ def variable_length(out: Path) -> None:
     emit(out, base_row)
     rows = [r[:n] for r, n in zip(random_rows(64, SEQ), lengths)]
     dataset = write_dataset(rows, "varlen-64")
-    for name, per_device, fields in [("packed-32", 32, {**FAST, "packing": True})]:
+    for name, per_device, fields in [("packed-32", 32, {**FAST, "packing": True}),
+                                     ("packed-32-compile", 32, {**FAST, **COMPILE,
+                                                                "packing": True})]:
         r = run_loraflow(model_dir, dataset, "none", per_device, 64, fields,
                          WARM + 4 * LOG_EVERY)
         row = {"shape": "llama-1b-varlen", "path": "loraflow", "case": name, "fields": fields,
@@ -349,7 +352,8 @@ def learnable(out: Path, steps: int = 50, lr: float = 5e-4) -> None:
     rows = alphabet_rows(8, SEQ)
     base = baseline_learn(model_dir, rows, steps, lr)
     dataset = write_dataset(rows, "alphabet-8")
-    fast = run_loraflow(model_dir, dataset, "none", 8, 8, {**FAST}, steps, lr=lr, log_every=1)
+    # the profile's defaults: Liger and torch.compile both on (auto) on a GPU
+    fast = run_loraflow(model_dir, dataset, "none", 8, 8, {}, steps, lr=lr, log_every=1)
     fast_init = load_file(fast["init"])
     same_init = all(torch.equal(v.cpu(), fast_init[k.replace(".default", "")].to(v.dtype))
                     for k, v in base["init"].items())

@@ -395,12 +395,11 @@ class TrainingSection(_Section):
         "auto", description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
         "linear cross-entropy; package liger-kernel, extra loraflow[fast]). auto: on when "
         "installed and a CUDA GPU is present.")
-    torch_compile: bool = Field(
-        False, description="Compile the model with torch.compile (TrainingArguments."
-        "torch_compile, inductor): fuses the elementwise work around each matmul — LoRA's "
-        "scaling and add among it — at the price of a compilation (about a minute for a "
-        "1B model) at the first step, and of another whenever the batch shape changes "
-        "(set training.packing for fixed shapes).")
+    torch_compile: Union[Literal["auto"], bool] = Field(
+        "auto", description="torch.compile each decoder layer (regional compilation, "
+        "inductor): fuses the elementwise work around the matmuls, LoRA's among it, for "
+        "the price of compiling one layer at the first step. auto: on for a causal-lm "
+        "trained by one process on a CUDA GPU.")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
                        "paged_adamw_8bit"] = Field(
         "auto", description="TrainingArguments.optim. auto: transformers' default (fused "

@@ -49,6 +49,17 @@ ADAPTER_BYTES_PER_PARAM = 16
 # ForCausalLMLoss upcasts logits to fp32; cross-entropy saves the fp32 log-softmax, and
 # the backward of it holds two more fp32 vocab-sized buffers at once: 3 × 4 bytes.
 LOSS_BYTES_PER_LOGIT = 12
+# Liger's fused linear cross-entropy never holds the logits: it runs lm_head and the loss
+# over chunks of about tokens × hidden / vocab rows (rounded up to a power of two), i.e.
+# chunk logits of up to 2 × tokens × hidden fp32 values, and keeps the input's gradient.
+FUSED_LOSS_BYTES_PER_HIDDEN = 12
+# Relative cost of a training step under a memory cap (fit_to_cap), measured on the H100
+# with the 8B shape, Liger, 2048-token examples (docs/benchmarks.md): recomputing a
+# checkpointed layer costs 0.6 of its forward and backward, and every micro-batch costs
+# about 1,800 tokens' worth on top of its tokens (fixed per-call work of the kernels and
+# LoRA's small matmuls).
+RECOMPUTE_COST = 0.6
+MICRO_BATCH_COST_TOKENS = 1800
 
 
 @dataclass(frozen=True)
@@ -287,7 +298,8 @@ def _activation_per_token_layer(coef: ActivationCoefficients, d: int, f: int,
 
 
 def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dict,
-                             on_gpu: bool = True, bf16_ok: bool = True) -> MemoryEstimate:
+                             on_gpu: bool = True, bf16_ok: bool = True,
+                             fused_loss: bool = False) -> MemoryEstimate:
     """Peak allocator bytes of a training step with the profile's settings.
 
     Args:
@@ -296,6 +308,8 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
         config: the base model's config.json.
         on_gpu: whether training runs on a GPU (decides what dtype 'auto' means).
         bf16_ok: whether that GPU supports bfloat16.
+        fused_loss: whether Liger's fused linear cross-entropy computes a causal LM's
+            loss (tasks/speed.py liger_expected).
     Returns:
         A MemoryEstimate; peak_bytes is the number to compare with torch's
         max_memory_allocated (add the CUDA context for what nvidia-smi shows).
@@ -364,6 +378,8 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     labels = len(cfg.get("id2label") or {}) or 2
     per_token = {"seq-classification": labels / seq, "token-classification": labels}
     loss = tokens * per_token.get(task, vocab) * LOSS_BYTES_PER_LOGIT
+    if fused_loss and task == "causal-lm":
+        loss = tokens * d * FUSED_LOSS_BYTES_PER_HIDDEN
     adapter = adapter_params * ADAPTER_BYTES_PER_PARAM
     peak = training + adapter + activations + loss
     return MemoryEstimate(
@@ -534,13 +550,14 @@ def _variant(profile: Profile, **sections) -> Profile:
 
 
 def suggestions(profile: Profile, tensors: TensorSpecs, config: dict, gpus: list[Gpu],
-                ram_bytes: Optional[int] = None) -> list[str]:
+                ram_bytes: Optional[int] = None, fused_loss: bool = False) -> list[str]:
     """Changes that would fit, each as the --set overrides to apply, with its estimate."""
     t = profile.training
     bf16_ok = all(g.bf16 for g in gpus)
 
     def fits(p: Profile) -> Optional[MemoryReport]:
-        est = estimate_training_memory(p, tensors, config, on_gpu=True, bf16_ok=bf16_ok)
+        est = estimate_training_memory(p, tensors, config, on_gpu=True, bf16_ok=bf16_ok,
+                                       fused_loss=fused_loss)
         rep = place(p, est, gpus, ram_bytes)
         return rep if rep.fits else None
 
@@ -590,12 +607,18 @@ def suggestions(profile: Profile, tensors: TensorSpecs, config: dict, gpus: list
     return out[:4]
 
 
+def step_cost(tokens: int, micro_batches: int, checkpointed: int, layers: int) -> float:
+    """A training step's relative time (see RECOMPUTE_COST, MICRO_BATCH_COST_TOKENS)."""
+    return (micro_batches * MICRO_BATCH_COST_TOKENS
+            + tokens * (1 + RECOMPUTE_COST * checkpointed / layers))
+
+
 def fit_to_cap(profile: Profile, tensors: TensorSpecs, config: dict, on_gpu: bool,
-               bf16_ok: bool = True, processes: int = 1) -> dict:
+               bf16_ok: bool = True, processes: int = 1, fused_loss: bool = False) -> dict:
     """The training fields that keep the estimate under training.memory_cap_gib at the
-    same global batch: as few checkpointed layers as fit (recomputing a layer costs about
-    a third of its forward and backward), then the largest per-device batch that divides
-    the global batch (each of `processes` training processes takes its share).
+    same global batch (each of `processes` training processes takes its share): of every
+    per-device batch that divides it, with as few checkpointed layers as fit, the one
+    step_cost ranks fastest — fewer, larger micro-batches against less recomputation.
 
     Raises:
         InsufficientMemoryError: nothing fits, not even one example with every layer
@@ -607,16 +630,21 @@ def fit_to_cap(profile: Profile, tensors: TensorSpecs, config: dict, on_gpu: boo
              else t.per_device_batch_size * t.gradient_accumulation_steps)
     batches = [b for b in range(total, 0, -1) if total % b == 0]
     layers = estimate_training_memory(profile, tensors, config, on_gpu, bf16_ok).layers
-    for count in range(layers + 1):
-        for batch in batches:
+    tokens = total * profile.data.max_length
+    fitting = []  # (cost, fields) of the fewest checkpointed layers that fit, per batch
+    for batch in batches:
+        for count in range(layers + 1):
             fields = {"per_device_batch_size": batch, "gradient_checkpointing": count > 0,
                       "checkpoint_layers": count if 0 < count < layers else None}
             if t.global_batch_size is None:
                 fields["gradient_accumulation_steps"] = total // batch
             trial = _variant(profile, training=fields)
-            peak = estimate_training_memory(trial, tensors, config, on_gpu, bf16_ok).peak_bytes
-            if peak <= cap:
-                return fields
+            if estimate_training_memory(trial, tensors, config, on_gpu, bf16_ok,
+                                        fused_loss).peak_bytes <= cap:
+                fitting.append((step_cost(tokens, total // batch, count, layers), fields))
+                break
+    if fitting:
+        return min(fitting, key=lambda found: found[0])[1]
     raise InsufficientMemoryError(
         f"training.memory_cap_gib: even one example per step with every layer checkpointed "
         f"needs more than {t.memory_cap_gib} GiB. Fix: raise the cap, quantize "
@@ -635,19 +663,21 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
     gpus = visible_gpus() if gpus is None else gpus
     on_gpu = bool(gpus) and profile.model.device_map != "cpu"
     bf16_ok = all(g.bf16 for g in gpus) if gpus else True
+    from tasks.launch import resolve_launcher
+    from tasks.speed import liger_expected
+
+    processes = resolve_launcher(profile.training)[1]
+    fused_loss = liger_expected(profile, on_gpu, processes)
     chosen = None
     if profile.training.memory_cap_gib is not None:
-        from tasks.launch import resolve_launcher
-
-        processes = resolve_launcher(profile.training)[1]
-        chosen = fit_to_cap(profile, tensors, config, on_gpu, bf16_ok, processes)
+        chosen = fit_to_cap(profile, tensors, config, on_gpu, bf16_ok, processes, fused_loss)
         profile = _variant(profile, training=chosen)
     estimate = estimate_training_memory(profile, tensors, config, on_gpu=on_gpu,
-                                        bf16_ok=bf16_ok)
+                                        bf16_ok=bf16_ok, fused_loss=fused_loss)
     report = place(profile, estimate, gpus, ram_bytes)
     report.training = chosen
     if report.fits is False:
-        fixes = suggestions(profile, tensors, config, gpus, ram_bytes)
+        fixes = suggestions(profile, tensors, config, gpus, ram_bytes, fused_loss)
         fix = ("Fix, any of: " + "; ".join(fixes)) if fixes else (
             "Fix: none of gradient checkpointing, a smaller batch, nf4 or device_map auto "
             "fits; use a GPU with more memory or a shorter data.max_length.")

@@ -11,13 +11,36 @@ from profiles.schema import Profile
 from tasks import errors
 
 
-def liger_available() -> bool:
-    """Liger's kernels are Triton kernels: they need the package and a CUDA GPU."""
+def liger_installed() -> bool:
     import importlib.util
 
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_available() -> bool:
+    """Liger's kernels are Triton kernels: they need the package and a CUDA GPU."""
     import torch
 
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    return torch.cuda.is_available() and liger_installed()
+
+
+def liger_expected(profile: Profile, cuda: bool, processes: int) -> bool:
+    """Whether training will run with Liger, as use_liger and run_train decide (FSDP runs
+    without it), for the memory estimate: without importing torch."""
+    choice = profile.training.liger_kernel
+    sharded = processes > 1 and profile.quantization.mode in ("nf4", "fp4")
+    if sharded or not cuda or choice is False:
+        return False
+    return choice is True or (profile.model.task == "causal-lm" and liger_installed())
+
+
+def use_torch_compile(profile: Profile, cuda: bool, processes: int) -> bool:
+    """training.torch_compile: auto → on for a causal LM trained by one process on a CUDA
+    GPU (where it was measured: docs/benchmarks.md); true → always."""
+    choice = profile.training.torch_compile
+    if choice == "auto":
+        return cuda and processes == 1 and profile.model.task == "causal-lm"
+    return choice
 
 
 def use_liger(profile: Profile) -> bool:

@@ -210,9 +210,9 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         **({} if t.optimizer == "auto" else {"optim": t.optimizer}),  # auto: fused AdamW
         **_distributed_arguments(profile, model),
     )
-    if t.torch_compile:
-        from tasks.speed import compile_decoder_layers
+    from tasks.speed import compile_decoder_layers, use_torch_compile
 
+    if use_torch_compile(profile, torch.cuda.is_available(), world()[2]):
         compile_decoder_layers(model)
     collator = data_collator(profile.model.task, tokenizer, model)  # labels padded with -100
     if t.packing:

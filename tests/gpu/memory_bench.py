@@ -22,7 +22,9 @@ def bench_profile(sets: list[str]):
                                               "training.save_steps=1000",
                                               "training.logging_steps=1",
                                               "training.warmup_ratio=0",
-                                              "training.gradient_accumulation_steps=1", *sets])
+                                              "training.gradient_accumulation_steps=1",
+                                              # the eager path the estimate models
+                                              "training.torch_compile=false", *sets])
 
 
 def write_dataset(directory: Path, rows: int, length: int, vocab: int, seed: int = 0):
