@@ -399,7 +399,8 @@ class TrainingSection(_Section):
         "auto", description="torch.compile each decoder layer (regional compilation, "
         "inductor): fuses the elementwise work around the matmuls, LoRA's among it, for "
         "the price of compiling one layer at the first step. auto: on for a causal-lm "
-        "trained by one process on a CUDA GPU.")
+        "without quantization trained by one process on a CUDA GPU (on a 4-bit base it "
+        "measured no faster).")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
                        "paged_adamw_8bit"] = Field(
         "auto", description="TrainingArguments.optim. auto: transformers' default (fused "

@@ -35,11 +35,13 @@ def liger_expected(profile: Profile, cuda: bool, processes: int) -> bool:
 
 
 def use_torch_compile(profile: Profile, cuda: bool, processes: int) -> bool:
-    """training.torch_compile: auto → on for a causal LM trained by one process on a CUDA
-    GPU (where it was measured: docs/benchmarks.md); true → always."""
+    """training.torch_compile: auto → on for a 16-bit causal LM trained by one process on
+    a CUDA GPU, where it measured faster; not on a 4-bit base, where it gained nothing
+    (docs/benchmarks.md); true → always."""
     choice = profile.training.torch_compile
     if choice == "auto":
-        return cuda and processes == 1 and profile.model.task == "causal-lm"
+        return (cuda and processes == 1 and profile.model.task == "causal-lm"
+                and profile.quantization.mode == "none")
     return choice
 
 
