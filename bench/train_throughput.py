@@ -332,7 +332,8 @@ def variable_length(out: Path) -> None:
     dataset = write_dataset(rows, "varlen-64")
     for name, per_device, fields in [("packed-32", 32, {**FAST, "packing": True}),
                                      ("packed-32-compile", 32, {**FAST, **COMPILE,
-                                                                "packing": True})]:
+                                                                "packing": True}),
+                                     ("packed-32-defaults", 32, {"packing": True})]:
         r = run_loraflow(model_dir, dataset, "none", per_device, 64, fields,
                          WARM + 4 * LOG_EVERY)
         row = {"shape": "llama-1b-varlen", "path": "loraflow", "case": name, "fields": fields,
@@ -352,8 +353,8 @@ def learnable(out: Path, steps: int = 50, lr: float = 5e-4) -> None:
     rows = alphabet_rows(8, SEQ)
     base = baseline_learn(model_dir, rows, steps, lr)
     dataset = write_dataset(rows, "alphabet-8")
-    # the profile's defaults: Liger and torch.compile both on (auto) on a GPU
-    fast = run_loraflow(model_dir, dataset, "none", 8, 8, {}, steps, lr=lr, log_every=1)
+    fast = run_loraflow(model_dir, dataset, "none", 8, 8, {**FAST, **COMPILE}, steps, lr=lr,
+                        log_every=1)
     fast_init = load_file(fast["init"])
     same_init = all(torch.equal(v.cpu(), fast_init[k.replace(".default", "")].to(v.dtype))
                     for k, v in base["init"].items())

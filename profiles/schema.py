@@ -398,9 +398,10 @@ class TrainingSection(_Section):
     torch_compile: Union[Literal["auto"], bool] = Field(
         "auto", description="torch.compile each decoder layer (regional compilation, "
         "inductor): fuses the elementwise work around the matmuls, LoRA's among it, for "
-        "the price of compiling one layer at the first step. auto: on for a causal-lm "
-        "without quantization trained by one process on a CUDA GPU (on a 4-bit base it "
-        "measured no faster).")
+        "the price of compiling one layer at the first step and again for every new batch "
+        "shape. auto: on with training.packing (fixed row length) for a causal-lm without "
+        "quantization trained by one process on a CUDA GPU; off for padded batches, whose "
+        "length changes, and on a 4-bit base, where it measured no faster.")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
                        "paged_adamw_8bit"] = Field(
         "auto", description="TrainingArguments.optim. auto: transformers' default (fused "

@@ -35,13 +35,15 @@ def liger_expected(profile: Profile, cuda: bool, processes: int) -> bool:
 
 
 def use_torch_compile(profile: Profile, cuda: bool, processes: int) -> bool:
-    """training.torch_compile: auto → on for a 16-bit causal LM trained by one process on
-    a CUDA GPU, where it measured faster; not on a 4-bit base, where it gained nothing
-    (docs/benchmarks.md); true → always."""
+    """training.torch_compile: auto → on where it measured faster (docs/benchmarks.md): a
+    16-bit causal LM trained by one process on a CUDA GPU with training.packing, whose
+    rows are always data.max_length long. Padded batches are as long as their longest
+    example, and every new length recompiles the layer (10–20 s each at 1B); on a 4-bit
+    base it gained nothing. true → always."""
     choice = profile.training.torch_compile
     if choice == "auto":
         return (cuda and processes == 1 and profile.model.task == "causal-lm"
-                and profile.quantization.mode == "none")
+                and profile.quantization.mode == "none" and profile.training.packing)
     return choice
 
 
