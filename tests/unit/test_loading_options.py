@@ -163,3 +163,19 @@ def test_liger_kernel_true_needs_the_package_and_a_gpu(monkeypatch):
     _check(["training.liger_kernel=true"], GPU, installed=("liger_kernel",),
            monkeypatch=monkeypatch)
     _check(["training.liger_kernel=auto"], [], installed=(), monkeypatch=monkeypatch)
+
+
+def test_torch_compile_auto_is_on_only_where_it_measured_faster():
+    from tasks.speed import use_torch_compile
+
+    def compiles(sets, cuda=True, processes=1):
+        return use_torch_compile(load_profile("quickstart", sets), cuda, processes)
+
+    assert compiles(["training.packing=true"])           # fixed row length: compiles once
+    assert not compiles([])                              # padded: recompiles per length
+    assert not compiles(["training.packing=true"], cuda=False)
+    assert not compiles(["training.packing=true"], processes=2)
+    assert not compiles(["training.packing=true", "quantization.mode=nf4",
+                         "quantization.compute_dtype=float32"])
+    assert compiles(["training.torch_compile=true"], cuda=False)
+    assert not compiles(["training.packing=true", "training.torch_compile=false"])
