@@ -660,12 +660,12 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
         InsufficientMemoryError: naming the estimate, the capacity and the changes
             (each as --set overrides) that would fit.
     """
-    gpus = visible_gpus() if gpus is None else gpus
-    on_gpu = bool(gpus) and profile.model.device_map != "cpu"
-    bf16_ok = all(g.bf16 for g in gpus) if gpus else True
     from tasks.launch import resolve_launcher
     from tasks.speed import liger_expected
 
+    gpus = visible_gpus() if gpus is None else gpus
+    on_gpu = bool(gpus) and profile.model.device_map != "cpu"
+    bf16_ok = all(g.bf16 for g in gpus) if gpus else True
     processes = resolve_launcher(profile.training)[1]
     fused_loss = liger_expected(profile, on_gpu, processes)
     chosen = None

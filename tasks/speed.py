@@ -25,8 +25,10 @@ def liger_available() -> bool:
 
 
 def liger_expected(profile: Profile, cuda: bool, processes: int) -> bool:
-    """Whether training will run with Liger, as use_liger and run_train decide (FSDP runs
-    without it), for the memory estimate: without importing torch."""
+    """Whether training will run with Liger (FSDP, for a 4-bit base over several
+    processes, runs without it): auto → on where it can run, for a causal LM (its loss and
+    MLP patches are for decoder-only language models). Without importing torch, so the
+    memory estimate can ask too."""
     choice = profile.training.liger_kernel
     sharded = processes > 1 and profile.quantization.mode in ("nf4", "fp4")
     if sharded or not cuda or choice is False:
@@ -48,15 +50,14 @@ def use_torch_compile(profile: Profile, cuda: bool, processes: int) -> bool:
 
 
 def use_liger(profile: Profile) -> bool:
-    """training.liger_kernel: auto → on when it can run; true → required."""
-    choice = profile.training.liger_kernel
-    if choice == "auto":  # its loss and MLP patches are for decoder-only language models
-        return profile.model.task == "causal-lm" and liger_available()
-    if choice and not liger_available():
+    """training.liger_kernel for this process (see liger_expected); true → required."""
+    import torch
+
+    if profile.training.liger_kernel is True and not liger_available():
         raise errors.ProfileError(
             "training.liger_kernel: true needs the liger-kernel package and a CUDA GPU. "
             "Fix: pip install 'loraflow[fast]' on a GPU machine, or set it to auto/false.")
-    return bool(choice)
+    return liger_expected(profile, torch.cuda.is_available(), processes=1)
 
 
 # (module, its globals before Liger patched it), undone by undo_module_patches().
