@@ -69,15 +69,20 @@ def _summary(report: dict) -> str:
     if report.get("hub") is None:  # publish.when on_approval: trained, not yet published
         run_dir = str(Path(report["adapter"]["path"]).parent)
         return f"\nTrained; awaiting approval. Publish it with: loraflow publish {run_dir}"
+    from tasks.modelcard import adapter_kind, base_loader
+
     hub, adapter, m = report["hub"], report["adapter"], report["metrics"]
+    # The run's record says what was trained (method, task, labels), as the card does.
+    record = json.loads((Path(adapter["path"]).parent / "record.json").read_text())
+    auto, head_args = base_loader(record)
     steps = ", ".join(f"{k} {v['state']}" for k, v in report["steps"].items())
     eval_loss = "n/a" if m.get("eval_loss") is None else f"{m['eval_loss']:.3f}"
-    return (f"\nTrained a LoRA adapter for {report['base_model']['repo_id']}@"
+    return (f"\nTrained a {adapter_kind(record)} adapter for {report['base_model']['repo_id']}@"
             f"{report['base_model']['commit'][:12]}: loss {m['first_loss']:.3f} → "
             f"{m['last_loss']:.3f} (eval {eval_loss}), {adapter['trainable_params']:,} trainable "
             f"parameters.\nSteps: {steps}\nPublished: {hub['url']} @ {hub['commit'][:12]} "
             f"(tag {hub['tag']})\nLoad it:\n"
-            f"  base = AutoModelForCausalLM.from_pretrained('{report['base_model']['repo_id']}')\n"
+            f"  base = {auto}.from_pretrained('{report['base_model']['repo_id']}'{head_args})\n"
             f"  model = PeftModel.from_pretrained(base, '{hub['repo_id']}', revision='{hub['tag']}')")
 
 

@@ -31,6 +31,21 @@ def _kind(method: str, quantized: bool) -> str:
     return name
 
 
+def adapter_kind(record: dict) -> str:
+    """The run's adapter as the card names it (LoRA, QLoRA, IA3, …)."""
+    profile = record["profile"]
+    return _kind(profile["lora"].get("method", "lora"), profile["quantization"]["mode"] != "none")
+
+
+def base_loader(record: dict) -> tuple[str, str]:
+    """The transformers Auto class that loads the run's base, and the extra
+    from_pretrained arguments as Python source (a classification head is sized by the
+    label names the data had, index = class id)."""
+    task = record["profile"]["model"].get("task", "causal-lm")
+    head = head_kwargs(task, record["dataset"].get("labels"))
+    return task_type(task).auto_class, "".join(f", {k}={v!r}" for k, v in head.items())
+
+
 def _table(rows: list[tuple[str, object]]) -> str:
     lines = ["| setting | value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(v) if isinstance(v, (list, dict)) else v} |" for k, v in rows]
@@ -85,12 +100,7 @@ def render_model_card(record: dict, repo_id: str) -> str:
 
     profile, base, data = record["profile"], record["base_model"], record["dataset"]
     metrics, adapter = record["metrics"], record["adapter"]
-    quantized = profile["quantization"]["mode"] != "none"
-    task = profile["model"].get("task", "causal-lm")
-    auto = task_type(task).auto_class
-    # A classification head is sized by the label names the data had (index = class id).
-    head = head_kwargs(task, data.get("labels"))
-    head_args = "".join(f", {k}={v!r}" for k, v in head.items())
+    auto, head_args = base_loader(record)
     data_pin = (f"`{data['id']}` at commit `{data['commit']}` (revision `{data['revision']}`)"
                 if data["source"] == "hub" else f"local file `{Path(data['id']).name}`, "
                 f"sha256 `{data['sha256']}`")
@@ -108,7 +118,7 @@ def render_model_card(record: dict, repo_id: str) -> str:
     body = f"""
 # {repo_id}
 
-A {_kind(profile["lora"].get("method", "lora"), quantized)} adapter for `{base['repo_id']}`, trained and
+A {adapter_kind(record)} adapter for `{base['repo_id']}`, trained and
 published by loraflow. Everything needed to reproduce the run is on this page and in
 `{LINEAGE}`.
 

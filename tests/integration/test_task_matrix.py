@@ -249,3 +249,10 @@ def test_seq_classification_runs_through_the_whole_flow(classification_run, hub)
     lineage = json.loads(Path(api.hf_hub_download(E2E_REPO, "loraflow.json",
                                                   revision=commit)).read_text())
     assert lineage["dataset"]["labels"] == ["colorful", "plain"]
+    # `loraflow run`'s closing summary shows the same loading code as the card.
+    from flows.cli import _summary
+
+    summary = _summary(report)
+    assert "Trained a LoRA adapter for tinylabs/tiny-bert@" in summary
+    assert ("base = AutoModelForSequenceClassification.from_pretrained('tinylabs/tiny-bert'"
+            in summary and "id2label={0: 'colorful', 1: 'plain'}" in summary), summary
