@@ -29,6 +29,10 @@ DEPLOYMENTS_DIR = PROJECT_DIR / "deployments"
 PREFECT_FILE = DEPLOYMENTS_DIR / "prefect.yaml"
 WORK_POOLS_DIR = DEPLOYMENTS_DIR / "work-pools"
 AUTOMATIONS_FILE = DEPLOYMENTS_DIR / "automations.yaml"
+# Automations an earlier loraflow deployed that re-deploying removes: the approved-publish
+# one notified on every completed publish run, so an approval given twice notified twice
+# (loraflow-version-published now covers approved publishes, once per new version).
+RETIRED_AUTOMATIONS = ("loraflow-approved-publish",)
 TOKEN_SECRET = "loraflow-hf-token"
 WEBHOOK_BLOCK = "loraflow-notify"
 
@@ -186,6 +190,10 @@ async def apply_automations(client, specs: list[dict]) -> list[str]:
             await client.delete_automation(old.id)
         await client.create_automation(automation)
         done.append(f"automation {automation.name}")
+    for name in RETIRED_AUTOMATIONS:
+        for old in await client.read_automations_by_name(name):
+            await client.delete_automation(old.id)
+            done.append(f"removed automation {name}")
     return done
 
 

@@ -157,7 +157,7 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
                           profile=profile, adapter=published)
             report["hub"]["merged"] = merged.model_dump()
         publish_run_artifacts(report)
-        emit_published(report)  # automations: notify on a new version
+        emit_published(report["hub"], trained.adapter_sha256, report.get("profile"))
     except BaseException as exc:
         failed = fail(report, exc)
         failure_artifact(report)

@@ -10,6 +10,7 @@ from typing import Optional
 
 from prefect import flow
 
+from flows.ui import emit_published
 from profiles.schema import PublishSection
 from tasks import errors
 from tasks.caching import outputs_intact, sha256_file
@@ -44,9 +45,17 @@ def publish_section_for(run_dir: str, overrides: Optional[dict] = None) -> Publi
 
 @flow(name="loraflow-publish", log_prints=True)
 def publish_run(run_dir: str, publish: Optional[PublishSection] = None) -> dict:
-    """Publish the adapter of a finished run (by default where its profile said)."""
+    """Publish the adapter of a finished run (by default where its profile said).
+
+    Args:
+        run_dir: the finished run's directory, as its "awaiting approval" note in the
+            UI and `loraflow runs` show it (LORAFLOW_HOME/runs/<key>).
+        publish: where and how to publish instead of the run's own publish section.
+    """
     train = load_run(run_dir)
     section = publish or publish_section_for(run_dir)
     result = publish_adapter(train, section)
+    # Automations notify on this event: once per new version, not per approval.
+    emit_published(result.model_dump(), train.adapter_sha256)
     return {"run_dir": train.run_dir, "adapter_sha256": train.adapter_sha256,
             **result.model_dump()}

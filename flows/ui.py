@@ -7,6 +7,8 @@ name causes and fixes, not credentials.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from flows.artifacts import artifact_key
 
 PUBLISHED_EVENT = "loraflow.adapter.published"
@@ -57,11 +59,13 @@ or, on the machine that trained it: `{approval['command']}`.
 """, description="trained, not yet published")
 
 
-def emit_published(report: dict) -> None:
-    """Emit `loraflow.adapter.published` for a publication that landed a new commit."""
+def emit_published(hub: Optional[dict], adapter_sha256: Optional[str],
+                   profile_name: Optional[str] = None) -> None:
+    """Emit `loraflow.adapter.published` for a publication that landed a new commit — by
+    the finetune flow or by an approved publish — and for nothing else, so a version is
+    announced once however often it is published."""
     from prefect.events import emit_event
 
-    hub = report["hub"]
     if not hub or not hub.get("new_commit"):
         return
     emit_event(event=PUBLISHED_EVENT,
@@ -69,5 +73,4 @@ def emit_published(report: dict) -> None:
                          "prefect.resource.name": hub["repo_id"]},
                payload={"repo_id": hub["repo_id"], "commit": hub["commit"], "tag": hub["tag"],
                         "url": f"{hub['url']}/commit/{hub['commit']}",
-                        "adapter_sha256": (report.get("adapter") or {}).get("sha256"),
-                        "profile": report.get("profile")})
+                        "adapter_sha256": adapter_sha256, "profile": profile_name})

@@ -59,8 +59,7 @@ def test_loraflow_deploy_registers_every_deployment_without_a_prompt(stack, hub)
     assert pools.items() >= {"loraflow-local": "process", "loraflow-docker": "docker",
                              "loraflow-k8s": "kubernetes"}.items()
     automations = {a["name"] for a in stack.api.post("/automations/filter", json={}).json()}
-    assert {"loraflow-run-failed", "loraflow-version-published",
-            "loraflow-approved-publish"} <= automations
+    assert {"loraflow-run-failed", "loraflow-version-published"} <= automations
     # The token is in the Secret block only: in no deployment, parameter or job variable.
     assert hub.token("demo") not in json.dumps(stack.deployments())
     assert hub.token("demo") not in result.stdout + result.stderr
@@ -185,7 +184,7 @@ def test_a_failing_run_notifies_the_webhook_once_with_the_typed_error(stack):
     assert "Failed" in note["subject"] and "RepoNotFoundError" in note["body"]
 
 
-def test_an_approved_publish_lands_one_commit(stack, hub):
+def test_an_approved_publish_lands_one_commit_and_notifies_once(stack, hub):
     from huggingface_hub.errors import RepositoryNotFoundError
 
     deployment = stack.deploy_variant(
@@ -211,6 +210,14 @@ def test_an_approved_publish_lands_one_commit(stack, hub):
     assert list(tags) == ["v1"] and commits[0] == tags["v1"] and len(commits) == 2
     files = set(_api(hub).list_repo_files(APPROVAL_REPO, revision=tags["v1"]))
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
-    stack.wait_for(lambda: stack.webhook.matching(approved["name"]), 60,
-                   "the approved-publish notification")
-    assert len(stack.webhook.matching(approved["name"])) == 1
+    stack.wait_for(lambda: stack.webhook.matching(f"published {APPROVAL_REPO}"), 60,
+                   "the published notification")
+
+    # Approved a second time: nothing new lands, and nobody is told of a new version.
+    created = stack.create_run(publish["id"], {"run_dir": run_dir})
+    again = stack.wait_run(created.json()["id"], timeout=120)
+    assert again["state_type"] == "COMPLETED", stack.logs_of(again["id"])[-3000:]
+    assert _published(hub, APPROVAL_REPO) == (commits, tags)
+    time.sleep(5)  # the first notification came within seconds of its run
+    notes = stack.webhook.matching(f"published {APPROVAL_REPO}")
+    assert [n["subject"].rsplit(" ", 1)[-1] for n in notes] == ["v1"], notes

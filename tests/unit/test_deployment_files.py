@@ -64,16 +64,25 @@ def _leaf_properties(schema: dict, defs: dict, path=""):
             yield f"{path}{name}", prop, None
 
 
-def test_the_ui_form_has_a_description_for_every_field_and_dropdowns_for_choices():
+def _form_schema(flow_path: str) -> dict:
+    import importlib
+
     from prefect.utilities.callables import parameter_schema
 
-    from flows.finetune import finetune
+    module, name = flow_path.split(":")
+    return parameter_schema(getattr(importlib.import_module(module), name)).model_dump_for_openapi()
 
-    schema = parameter_schema(finetune).model_dump_for_openapi()
-    defs = schema["definitions"]
-    missing = [path for path, prop, ref in _leaf_properties(schema, defs)
+
+@pytest.mark.parametrize("flow_path", ["flows.finetune:finetune", "flows.publish:publish_run"])
+def test_the_ui_form_has_a_description_for_every_field(flow_path):
+    schema = _form_schema(flow_path)
+    missing = [path for path, prop, ref in _leaf_properties(schema, schema["definitions"])
                if not (prop.get("description") or (ref or {}).get("description"))]
     assert missing == []
+
+
+def test_the_ui_form_has_dropdowns_for_closed_choices():
+    defs = _form_schema("flows.finetune:finetune")["definitions"]
     publish = defs["PublishSection"]["properties"]
     assert publish["when"]["enum"] == ["inline", "on_approval"]
     assert defs["QuantizationSection"]["properties"]["mode"]["enum"] == [
@@ -107,8 +116,7 @@ def test_automations_are_valid_prefect_automations():
         automation = AutomationCore.model_validate(
             automation_payload(spec, {"loraflow-notify": "00000000-0000-0000-0000-000000000000"}))
         names.add(automation.name)
-    assert names == {"loraflow-run-failed", "loraflow-version-published",
-                     "loraflow-approved-publish"}
+    assert names == {"loraflow-run-failed", "loraflow-version-published"}
 
 
 def test_loraflow_deploy_refuses_without_a_server(monkeypatch, capsys):
