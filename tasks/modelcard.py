@@ -18,7 +18,7 @@ CARD, LINEAGE, LOSS_CURVE = "README.md", "loraflow.json", "loss_curve.png"
 # What the lineage manifest keeps from the run record: enough to reproduce the run.
 LINEAGE_KEYS = ("profile", "base_model", "dataset", "adapter", "metrics", "flow_run_id",
                 "flow_run_url", "train_key", "versions", "hardware", "continued_from",
-                "memory_plan", "distributed")
+                "memory_plan", "distributed", "speed")
 
 METHOD_NAMES = {"lora": "LoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr"}
 

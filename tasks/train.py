@@ -502,9 +502,10 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         # storage dtype does not change the numbers, so the compute dtype is used.
         quant = quant.model_copy(update={"quant_storage": quant.compute_dtype})
     base = load_base_model(model_section, quant, snapshot.local_dir, labels=dataset.labels)
-    if use_liger(profile) and not sharded:
-        # Liger's fused cross-entropy multiplies by the whole lm_head weight, which FSDP
-        # holds sharded: FSDP runs without Liger.
+    # Liger's fused cross-entropy multiplies by the whole lm_head weight, which FSDP holds
+    # sharded: FSDP runs without Liger.
+    liger = use_liger(profile) and not sharded
+    if liger:
         apply_liger(base)
     continued = snapshot.adapter  # model.id is an adapter repo: train it on, not a fresh one
     model = inject_adapter(base, profile.lora, quant,
@@ -620,6 +621,9 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
         "metrics": metrics, "loss_history": losses,
         "versions": _library_versions(), "hardware": _hardware(),
         "distributed": distributed,
+        # The speed levers as this run resolved them ("auto" in the profile).
+        "speed": {"liger_kernel": liger, "torch_compile": any(
+            getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())},
     }
     (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
     # The card and lineage are written now, so a later (re-)publish sends these bytes.

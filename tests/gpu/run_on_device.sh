@@ -22,6 +22,7 @@ PY
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 if [ $# -eq 0 ]; then
-  set -- tests/gpu/test_gpu_loading.py tests/gpu/test_gpu_training.py tests/gpu/test_gpu_flow.py
+  set -- tests/gpu/test_gpu_loading.py tests/gpu/test_gpu_training.py tests/gpu/test_gpu_flow.py \
+    tests/gpu/test_gpu_methods.py
 fi
 python3 -m pytest -p no:cacheprovider -v -rA "$@" 2>&1 | tee "$out/pytest.log"
