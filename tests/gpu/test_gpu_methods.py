@@ -16,7 +16,8 @@ pytestmark = pytest.mark.gpu
 SEQ, ROWS, STEPS = 256, 8, 30
 CASES = {
     "lora": [],
-    "ia3": ["lora.method=ia3", "training.learning_rate=1e-2"],
+    # IA3 has no rank or alpha (the preset's r 16 / alpha 32 are refused for it)
+    "ia3": ["lora.method=ia3", "lora.r=8", "lora.alpha=16", "training.learning_rate=1e-2"],
     "loha": ["lora.method=loha"],
     "lokr": ["lora.method=lokr"],
     "lora-packed": ["training.packing=true"],  # torch_compile auto: on with packing
