@@ -81,5 +81,8 @@ def test_each_adapter_method_learns_through_run_train(case, checkpoints, tmp_pat
            last_loss=losses[-1], losses=losses,
            train_runtime_s=rec["metrics"]["train_runtime_s"])
     # run_train itself refuses an adapter with a tensor that did not change.
-    assert rec["speed"] == {"liger_kernel": True, "torch_compile": case == "lora-packed"}
+    from tasks.speed import liger_installed
+
+    assert rec["speed"] == {"liger_kernel": liger_installed(),
+                            "torch_compile": case == "lora-packed"}
     assert losses[-1] < 0.75 * losses[0], losses
