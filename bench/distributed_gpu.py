@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from localhub.seed_data import alphabet_rows  # noqa: E402  (the learnable task)
+
 SEQ, PER_DEVICE, GLOBAL, STEPS = 1024, 8, 16, 30
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
@@ -51,27 +53,11 @@ def build_model(path: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def synthetic_rows(count: int, seq: int, seed: int = 0) -> list[list[int]]:
-    """Learnable token sequences: each row repeats a random order of the same 16 token ids
-    (from a random phase). A model learns the 16-token alphabet within a few steps (loss
-    from ≈12 towards ln 16 ≈ 2.8) and the period after that, so per-step losses fall far
-    and do not depend on which rows a step sees."""
-    import numpy as np
-
-    rs = np.random.RandomState(seed)
-    rows = []
-    for _ in range(count):
-        pattern = 1000 + rs.permutation(16)
-        start = int(rs.randint(0, 16))
-        rows.append([int(pattern[i % 16]) for i in range(start, start + seq)])
-    return rows
-
-
 def build_dataset(path: Path) -> dict:
     import datasets
 
     rows = [{"input_ids": ids, "labels": ids, "attention_mask": [1] * SEQ}
-            for ids in synthetic_rows(GLOBAL * STEPS, SEQ)]
+            for ids in alphabet_rows(GLOBAL * STEPS, SEQ)]
     datasets.Dataset.from_list(rows).save_to_disk(str(path / "train"))
     return {"path": str(path), "key": "synthetic-alphabet16", "num_train": len(rows),
             "num_eval": 0, "train_tokens": len(rows) * SEQ}
@@ -158,7 +144,7 @@ def reload_losses(case: str, one: dict, two: dict, model_dir: Path) -> dict:
                                    bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16,
                                                 device_map={"": 0}, quantization_config=quant)
-    ids = torch.tensor(synthetic_rows(4, SEQ, seed=1), device="cuda")
+    ids = torch.tensor(alphabet_rows(4, SEQ, seed=1), device="cuda")
 
     def loss(model) -> float:
         with torch.no_grad():

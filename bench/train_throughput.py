@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import baseline_peft  # noqa: E402  (the shared baseline, unchanged)
+from localhub.seed_data import alphabet_rows  # noqa: E402  (the learnable task)
 
 SEQ, WARM, STEPS = 2048, 3, 8
 LOG_EVERY = 3  # loraflow logs (and so synchronizes) every 3rd step, as a user's run would
@@ -115,14 +116,6 @@ def varlen_lengths(count: int, seed: int = 0) -> list[int]:
     sigma = math.log(1024 / 256) / 1.6449
     rs = np.random.RandomState(seed)
     return [int(min(SEQ, max(2, round(x)))) for x in rs.lognormal(math.log(256), sigma, count)]
-
-
-def alphabet_rows(count: int, length: int, seed: int = 0) -> list[list[int]]:
-    """The learnable task of bench/distributed_gpu.py: a random order of the same 16
-    token ids, repeated."""
-    from distributed_gpu import synthetic_rows
-
-    return synthetic_rows(count, length, seed)
 
 
 def write_dataset(rows: list[list[int]], name: str) -> dict:

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from profiles.schema import TrainingSection
 from tasks import errors
@@ -40,9 +41,10 @@ def visible_gpus() -> int:
     return len(re.findall(r"^GPU \d+", out.stdout, re.M)) if out.returncode == 0 else 0
 
 
-def resolve_launcher(training: TrainingSection) -> tuple[str, int]:
-    """("single", 1) or ("torchrun", nproc) for this machine and profile."""
-    gpus = visible_gpus()
+def resolve_launcher(training: TrainingSection, gpus: Optional[int] = None) -> tuple[str, int]:
+    """("single", 1) or ("torchrun", nproc) for this machine (or `gpus` GPUs, when the
+    caller has counted them already) and profile."""
+    gpus = visible_gpus() if gpus is None else gpus
     nproc = training.nproc_per_node or max(gpus, 1)
     if training.launcher == "single" or (training.launcher == "auto" and gpus <= 1
                                          and not training.nproc_per_node):

@@ -666,7 +666,7 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
     gpus = visible_gpus() if gpus is None else gpus
     on_gpu = bool(gpus) and profile.model.device_map != "cpu"
     bf16_ok = all(g.bf16 for g in gpus) if gpus else True
-    processes = resolve_launcher(profile.training)[1]
+    processes = resolve_launcher(profile.training, len(gpus))[1]
     fused_loss = liger_expected(profile, on_gpu, processes)
     chosen = None
     if profile.training.memory_cap_gib is not None:

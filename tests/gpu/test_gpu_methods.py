@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from llama_shapes import record
 
+from localhub.seed_data import alphabet_rows
 from profiles.loader import load_profile
 
 pytestmark = pytest.mark.gpu
@@ -22,20 +23,6 @@ CASES = {
     "lokr": ["lora.method=lokr"],
     "lora-packed": ["training.packing=true"],  # torch_compile auto: on with packing
 }
-
-
-def alphabet_rows(count: int, length: int, seed: int = 0) -> list[list[int]]:
-    """Each row repeats a random order of the same 16 token ids: a random-weight model
-    learns the alphabet (loss ≈12 → ln 16 ≈ 2.8) and then the period."""
-    import numpy as np
-
-    rs = np.random.RandomState(seed)
-    rows = []
-    for _ in range(count):
-        pattern = 100 + rs.permutation(16)
-        start = int(rs.randint(0, 16))
-        rows.append([int(pattern[i % 16]) for i in range(start, start + length)])
-    return rows
 
 
 def train(checkpoint, tmp_path, monkeypatch, sets):
@@ -53,7 +40,7 @@ def train(checkpoint, tmp_path, monkeypatch, sets):
         f"training.max_steps={STEPS}", "training.logging_steps=1", "training.save_steps=1000",
         "training.warmup_ratio=0", "training.lr_scheduler=constant",
         "training.learning_rate=1e-3", "lora.dropout=0", *sets])
-    rows = alphabet_rows(ROWS, SEQ)
+    rows = alphabet_rows(ROWS, SEQ, first_id=100)  # ids of the 2-layer shape's vocabulary
     data = tmp_path / "data"
     datasets.Dataset.from_dict({"input_ids": rows, "labels": rows,
                                 "attention_mask": [[1] * SEQ] * ROWS}).save_to_disk(
