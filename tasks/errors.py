@@ -100,18 +100,81 @@ class VerificationError(LoraflowError):
     """The published adapter does not reproduce the local adapter's outputs."""
 
 
+def transport_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the connection failed", for the HTTP stack the
+    installed huggingface_hub actually uses.
+
+    huggingface_hub has moved stacks (requests in 0.x, httpx in 1.x, httpx2 in 2.x), and
+    its own retry loop (`http_backoff`) retries exactly the types in
+    `huggingface_hub.utils._http._DEFAULT_RETRY_ON_EXCEPTIONS`: those are taken when the
+    module has them, so loraflow retries what the client itself considers transient,
+    whichever version is installed (2.4 here, 1.33 on the GPU image). Otherwise the
+    stack is found from `HfHubHTTPError`'s HTTP base class and its `TransportError`
+    (httpx, httpx2) or `ConnectionError`/`Timeout` (requests) are used.
+
+    Returns:
+        A tuple of exception classes, always including the builtin ConnectionError and
+        TimeoutError.
+    """
+    import importlib
+
+    types: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    try:
+        from huggingface_hub.utils import _http
+
+        types += tuple(getattr(_http, "_DEFAULT_RETRY_ON_EXCEPTIONS", ()))
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return types
+    for base in HfHubHTTPError.__mro__[1:]:
+        root = base.__module__.split(".")[0]
+        if root in ("builtins", "huggingface_hub"):
+            continue
+        stack = importlib.import_module(root)
+        for name in ("TransportError", "ConnectionError", "Timeout"):
+            candidate = getattr(stack, name, None)
+            if isinstance(candidate, type) and issubclass(candidate, BaseException):
+                types += (candidate,)
+        break
+    return types
+
+
+def _causes(exc: BaseException):
+    """The exception and the ones it was raised from or during, outermost first."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when retrying the same call can succeed (used by the task retry policy)."""
+    """True when retrying the same call can succeed (used by the task retry policy).
+
+    A loraflow error says so itself (`transient`); a foreign one is transient when it,
+    or an exception it was raised from, is a connection failure or a timeout of the
+    installed Hub client's HTTP stack (`transport_error_types`). huggingface_hub wraps
+    some of those (snapshot_download raises LocalEntryNotFoundError from the
+    ConnectError), hence the walk down the chain.
+    """
     if isinstance(exc, LoraflowError):
         return exc.transient
-    transient_types: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-    try:
-        import httpx
+    transport = transport_error_types()
+    return any(isinstance(e, transport) for e in _causes(exc))
 
-        transient_types += (httpx.TransportError,)
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, transient_types)
+
+def unreachable_hub_error(exc: BaseException, endpoint: str) -> "TransientHubError":
+    """The one-line error for a Hub that could not be reached (after the retries).
+
+    Args:
+        exc: the transport error (or the error wrapping it).
+        endpoint: the endpoint the clients used (HF_ENDPOINT).
+    """
+    root = next((e for e in _causes(exc) if isinstance(e, transport_error_types())), exc)
+    return TransientHubError(
+        f"could not reach the Hub at {endpoint} ({type(root).__name__}: {root}). Fix: check "
+        "that HF_ENDPOINT names a reachable Hub (and any proxy settings), then run again: "
+        "finished steps are cached.", endpoint=endpoint)
 
 
 def translate_hub_error(exc: Exception, *, repo_id: str, repo_type: str = "model",
@@ -145,6 +208,5 @@ def translate_hub_error(exc: Exception, *, repo_id: str, repo_type: str = "model
                 f"the Hub refused access to {where} (HTTP {status}). Fix: use a token "
                 "(HF_TOKEN) with the needed permission.", repo_id=repo_id)
     if is_transient(exc):
-        return TransientHubError(f"connection to the Hub failed for {where} "
-                                 f"({type(exc).__name__}); retrying may help.", repo_id=repo_id)
+        return unreachable_hub_error(exc, endpoint)
     return LoraflowError(f"unexpected error for {where}: {type(exc).__name__}: {exc}")
