@@ -1,5 +1,7 @@
-"""(Copied unchanged from the project's shared bench/baseline_peft.py so it travels to the GPU
-machine; bench/train_throughput.py imports it.)
+"""(Copied from the project's shared bench/baseline_peft.py so it travels to the GPU machine;
+bench/train_throughput.py and bench/peer_unsloth.py import it. One addition, outside the timed
+loop: after it, one more step reports the gradient norm, the trainable-parameter count and
+whether checkpointing was on, so a row that does not train shows it (issue #14).)
 
 Baseline: plain transformers + peft LoRA/QLoRA training throughput on one GPU.
 
@@ -87,10 +89,19 @@ def run(shape, quant, seq, bs, ckpt, liger, steps=8, warm=3, tmp=os.path.join(te
         opt.step(); opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.time() - t)
+    # One more step, untimed: the gradient norm before the optimizer zeroes it.
+    out = m(input_ids=x, labels=x)
+    out.loss.backward()
+    gnorm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in m.parameters()
+                           if p.grad is not None)).item()
+    ntrain = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    opt.zero_grad(set_to_none=True)
     step = sorted(times[warm:])[len(times[warm:]) // 2]
     tps = bs * seq / step
     tf = flops_per_token(cfg, seq) * tps / 1e12
     res = dict(shape=shape, quant="nf4" if quant else "bf16", seq=seq, bs=bs, grad_ckpt=ckpt, liger=liger,
+               offload=False, grad_norm=round(gnorm, 4), trainable=ntrain,
+               trains=bool(gnorm > 0 and gnorm == gnorm),
                step_s=round(step, 4), tokens_per_s=round(tps), model_tflops=round(tf, 1),
                mfu=round(tf / PEAK, 3), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                load_s=None if load_s is None else round(load_s, 1),

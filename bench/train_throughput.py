@@ -14,6 +14,11 @@ and for loraflow its ratio to the baseline of the same invocation.
 
 usage (GPU machine, repo root, wheel bundle incl. liger-kernel installed):
     python bench/train_throughput.py OUTDIR llama-1b|llama-8b|llama-8b-nf4|varlen|learn [CASE ...]
+
+Each row also carries (issue #14) the gradient norm of one step, the trainable-parameter
+count, how many decoder layers were checkpointed and whether activations were offloaded,
+and `trains` (non-zero gradient, finite losses): a row that does not train shows it.
+bench/side_by_side.py runs this next to the plain baseline and Unsloth.
 """
 from __future__ import annotations
 
@@ -129,6 +134,69 @@ def write_dataset(rows: list[list[int]], name: str) -> dict:
             "train_tokens": sum(len(r) for r in rows)}
 
 
+class StepProbe:
+    """What each loraflow row reports beside its speed (issue #14), read from the Trainer
+    that run_train builds: the gradient norm Trainer logs (before clipping) and, after the
+    first optimizer step — when every callback, partial checkpointing included, has acted —
+    how many decoder layers checkpoint. Registered through transformers.trainer's
+    DEFAULT_CALLBACKS, the list every Trainer starts its callbacks from, because run_train
+    takes no callbacks of ours (and tasks/ is not the bench's to change)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.grad_norms: list[tuple[int, float]] = []
+        self.layers: dict | None = None
+        self.trainable: int | None = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class Probe(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if probe.layers is None and model is not None:
+                    from transformers.modeling_layers import GradientCheckpointingLayer
+
+                    layers = [m for m in model.modules()
+                              if isinstance(m, GradientCheckpointingLayer)]
+                    probe.layers = {
+                        "layers": len(layers),
+                        "checkpointed": sum(1 for m in layers if m.gradient_checkpointing
+                                            and getattr(m, "_gradient_checkpointing_func",
+                                                        None) is not None),
+                        "compiled": sum(1 for m in layers
+                                        if getattr(m, "_compiled_call_impl", None) is not None)}
+                    probe.trainable = sum(p.numel() for p in model.parameters()
+                                          if p.requires_grad)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and logs.get("grad_norm") is not None:
+                    probe.grad_norms.append((state.global_step, float(logs["grad_norm"])))
+
+        return Probe()
+
+
+PROBE = StepProbe()
+_PROBE_INSTALLED = False
+
+
+def install_probe() -> bool:
+    """Add PROBE's callback to every Trainer built from now on, once per process."""
+    global _PROBE_INSTALLED
+    import transformers.trainer as trainer_module
+
+    defaults = getattr(trainer_module, "DEFAULT_CALLBACKS", None)
+    if not isinstance(defaults, list):
+        return False
+    if not _PROBE_INSTALLED:
+        defaults.append(PROBE.callback())
+        _PROBE_INSTALLED = True
+    return True
+
+
 def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
                  global_batch: int, fields: dict, steps: int, lr: float = 1e-4,
                  log_every: int = LOG_EVERY) -> dict:
@@ -154,6 +222,8 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
                      per_device, "global_batch_size": global_batch, "lr_scheduler": "constant",
                      "logging_steps": log_every, "save_steps": 100000, "seed": 0, **fields},
         "publish": {"repo_id": "bench/unpublished"}})
+    probed = install_probe()
+    PROBE.reset()
     inputs = inputs_for(model_dir, dataset, profile)
     if profile.training.memory_cap_gib is not None:  # what preflight would plan
         from tasks.memory import plan_memory, read_safetensors_headers
@@ -171,10 +241,25 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
               if len(timed) > 1 else None)
     record = json.loads((Path(result.run_dir) / "record.json").read_text())
     free_cuda()
+    norms = [g for s, g in PROBE.grad_norms if s >= WARM] or [g for _, g in PROBE.grad_norms]
+    losses = [e["loss"] for e in events]
+    layers = PROBE.layers or {}
+    # run_train itself fails a run whose LoRA tensors did not change; a row still says
+    # whether its gradient was non-zero and its losses finite.
+    trains = (bool(norms) and norms[0] > 0 and all(math.isfinite(x) for x in losses + norms))
     return {"step_s": step_s,
-            "losses": [e["loss"] for e in events],
+            "losses": losses,
             "peak_mem_gib": record["metrics"]["peak_gpu_mem_gib"],
             "memory_plan": record.get("memory_plan"),
+            "grad_norm": round(norms[0], 4) if norms else None,
+            "trainable": record["adapter"]["trainable_params"],
+            "trainable_probe": PROBE.trainable,
+            "ckpt_layers": layers.get("checkpointed") if probed else None,
+            "layers": layers.get("layers"),
+            "compiled_layers": layers.get("compiled"),
+            "offload": False,  # loraflow has no activation offload (yet)
+            "speed": record.get("speed"),
+            "trains": trains,
             "init": str(Path(result.run_dir) / "adapter_init.safetensors")}
 
 
@@ -236,11 +321,19 @@ def baseline_padded(model_dir: Path, lengths: list[int], micro: int, seed: int =
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.time() - start)
+    for ids, mask, labels in batches:  # one more step, untimed: its gradient norm
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss / len(batches)).backward()
+    gnorm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters()
+                           if p.grad is not None)).item()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step = statistics.median(times[WARM:])
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, batches
     free_cuda()
-    return {"step_s": step, "real_tokens_per_step": real, "peak_mem_gib": round(peak, 2)}
+    return {"step_s": step, "real_tokens_per_step": real, "peak_mem_gib": round(peak, 2),
+            "grad_norm": round(gnorm, 4), "trainable": trainable, "ckpt_layers": 0,
+            "offload": False, "trains": bool(gnorm > 0 and math.isfinite(gnorm))}
 
 
 def baseline_learn(model_dir: Path, rows: list[list[int]], steps: int, lr: float) -> dict:
@@ -265,6 +358,14 @@ def baseline_learn(model_dir: Path, rows: list[list[int]], steps: int, lr: float
     del model, opt
     free_cuda()
     return {"losses": losses, "init": init}
+
+
+def probe_fields(r: dict) -> dict:
+    """The fields every side-by-side row carries besides speed and memory (issue #14)."""
+    keys = ("grad_norm", "trainable", "ckpt_layers", "layers", "compiled_layers", "offload",
+            "trains")
+    return {k: r.get(k) for k in keys} | {"loss_first_last": [r["losses"][0], r["losses"][-1]]
+                                          if r.get("losses") else None}
 
 
 def emit(out: Path, row: dict) -> None:
@@ -299,13 +400,15 @@ def fixed_length(out: Path, shape_arg: str, only: list[str]) -> None:
             free_cuda()
             continue
         row = {"shape": shape_arg, "path": "loraflow", "case": name, "fields": fields,
+               "bs": per_device, "accum": global_batch // per_device,
                **rates(r["step_s"], global_batch * SEQ, cfg, SEQ),
-               "peak_mem_gib": r["peak_mem_gib"], "memory_plan": r["memory_plan"]}
+               "peak_mem_gib": r["peak_mem_gib"], "memory_plan": r["memory_plan"],
+               **probe_fields(r)}
         row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
         emit(out, row)
 
 
-def variable_length(out: Path) -> None:
+def variable_length(out: Path, only: list[str] = ()) -> None:
     """1B shape: 64 examples of log-normal lengths per step; the baseline pads each
     micro-batch of 8, loraflow packs micro-batches of 32 into rows of 2048."""
     from transformers import LlamaConfig
@@ -319,7 +422,9 @@ def variable_length(out: Path) -> None:
     base_row = {"shape": "llama-1b-varlen", "path": "baseline-padded", "examples": 64,
                 "mean_length": mean_len, "micro_batch": 8,
                 **rates(base["step_s"], base["real_tokens_per_step"], cfg, mean_len),
-                "peak_mem_gib": base["peak_mem_gib"]}
+                "peak_mem_gib": base["peak_mem_gib"],
+                **{k: base[k] for k in ("grad_norm", "trainable", "ckpt_layers", "offload",
+                                        "trains")}}
     emit(out, base_row)
     rows = [r[:n] for r, n in zip(random_rows(64, SEQ), lengths)]
     dataset = write_dataset(rows, "varlen-64")
@@ -327,11 +432,13 @@ def variable_length(out: Path) -> None:
                                      ("packed-32-compile", 32, {**FAST, **COMPILE,
                                                                 "packing": True}),
                                      ("packed-32-defaults", 32, {"packing": True})]:
+        if only and name not in only:
+            continue
         r = run_loraflow(model_dir, dataset, "none", per_device, 64, fields,
                          WARM + 4 * LOG_EVERY)
         row = {"shape": "llama-1b-varlen", "path": "loraflow", "case": name, "fields": fields,
                **rates(r["step_s"], sum(lengths), cfg, mean_len),
-               "peak_mem_gib": r["peak_mem_gib"]}
+               "peak_mem_gib": r["peak_mem_gib"], **probe_fields(r)}
         row["speedup"] = round(row["tokens_per_s"] / base_row["tokens_per_s"], 3)
         emit(out, row)
 
@@ -366,7 +473,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     what = sys.argv[2]
     if what == "varlen":
-        variable_length(out)
+        variable_length(out, sys.argv[3:])
     elif what == "learn":
         learnable(out)
     else:
