@@ -62,25 +62,39 @@ def _failure_report(profile_name: str, error: LoraflowError) -> dict:
             "error": error.to_dict()}
 
 
+def data_summary(data: dict) -> str:
+    """The dataset counts a user needs, from the training record's "dataset" entry: rows
+    read, dropped (and why), truncated (as the card says them), train/eval sizes."""
+    from tasks.modelcard import data_counts
+
+    sizes = f"{data.get('num_train')} train / {data.get('num_eval')} eval examples"
+    return "Data: " + ", ".join([*data_counts(data), sizes])
+
+
 def _summary(report: dict) -> str:
     if report["status"] != "completed":
         err = report["error"] or {}
         return f"\nloraflow: run failed — {err.get('type')}: {err.get('message')}"
+    adapter = report["adapter"]
+    # The run's record says what was trained (method, task, labels, data), as the card does.
+    record = json.loads((Path(adapter["path"]).parent / "record.json").read_text())
     if report.get("hub") is None:  # publish.when on_approval: trained, not yet published
-        run_dir = str(Path(report["adapter"]["path"]).parent)
-        return f"\nTrained; awaiting approval. Publish it with: loraflow publish {run_dir}"
+        approval = report.get("approval") or {}
+        command = approval.get("command") or \
+            f"loraflow publish {Path(adapter['path']).parent}"
+        return (f"\n{data_summary(record['dataset'])}\nTrained; awaiting approval to publish "
+                f"to {approval.get('repo_id')}. Publish it with: {command}")
     from tasks.modelcard import adapter_kind, base_loader
 
-    hub, adapter, m = report["hub"], report["adapter"], report["metrics"]
-    # The run's record says what was trained (method, task, labels), as the card does.
-    record = json.loads((Path(adapter["path"]).parent / "record.json").read_text())
+    hub, m = report["hub"], report["metrics"]
     auto, head_args = base_loader(record)
     steps = ", ".join(f"{k} {v['state']}" for k, v in report["steps"].items())
     eval_loss = "n/a" if m.get("eval_loss") is None else f"{m['eval_loss']:.3f}"
     return (f"\nTrained a {adapter_kind(record)} adapter for {report['base_model']['repo_id']}@"
             f"{report['base_model']['commit'][:12]}: loss {m['first_loss']:.3f} → "
             f"{m['last_loss']:.3f} (eval {eval_loss}), {adapter['trainable_params']:,} trainable "
-            f"parameters.\nSteps: {steps}\nPublished: {hub['url']} @ {hub['commit'][:12]} "
+            f"parameters.\n{data_summary(record['dataset'])}\nSteps: {steps}\n"
+            f"Published: {hub['url']} @ {hub['commit'][:12]} "
             f"(tag {hub['tag']})\nLoad it:\n"
             f"  base = {auto}.from_pretrained('{report['base_model']['repo_id']}'{head_args})\n"
             f"  model = PeftModel.from_pretrained(base, '{hub['repo_id']}', revision='{hub['tag']}')")

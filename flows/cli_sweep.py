@@ -26,6 +26,9 @@ def cmd_sweep(args) -> int:
     from profiles.loader import load_profile
 
     profile = load_profile(args.profile, args.overrides)
+    from flows.sweep import plan_variants
+
+    plan_variants(profile, parse_grid(args.grid), args.publish)  # refuse before anything runs
     state = sweep(profile, parse_grid(args.grid), publish=args.publish,
                   max_concurrent_trainings=args.max_concurrent, return_state=True)
     outcome = state.result(raise_on_failure=False)

@@ -145,7 +145,7 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
         if profile.publish.when == "on_approval":  # publish later: loraflow publish RUN_DIR
             step("local_check", cached(check_local_adapter, local_check_key), train=trained,
                  snapshot=snapshot, profile=profile)
-            return hold_for_approval(report, trained, profile.publish.repo_id)
+            return hold_for_approval(report, trained, profile.publish)
         published = step("publish", publish_adapter, train=trained, publish=profile.publish)
         report["hub"] = {"endpoint": settings.hub_endpoint(), "repo_id": published.repo_id,
                          "commit": published.commit, "tag": published.tag,

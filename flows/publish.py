@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefect import flow
+from pydantic import ValidationError
 
 from flows.ui import emit_published
 from profiles.schema import PublishSection
@@ -38,9 +39,33 @@ def load_run(run_dir: str) -> TrainResult:
 
 
 def publish_section_for(run_dir: str, overrides: Optional[dict] = None) -> PublishSection:
-    """The run's own publish section, with overrides (e.g. another repo_id or tag)."""
-    record = json.loads((Path(run_dir).expanduser() / RECORD).read_text())
-    return PublishSection.model_validate({**record["profile"]["publish"], **(overrides or {})})
+    """Where to publish a finished run: the latest approval request for it (the publish
+    section of the run that asked, flows/approval.py), with `overrides` on top (e.g.
+    another repo_id or tag). The training's own outputs say nothing about it.
+
+    Args:
+        run_dir: the finished run's directory.
+        overrides: publish fields, e.g. {"repo_id": "me/other"}.
+    Returns:
+        The validated PublishSection.
+    Raises:
+        ProfileError: no repo id anywhere, or a field the Hub (or the schema) refuses,
+            named as publish.<field>.
+    """
+    from flows.approval import pending_request
+    from profiles.loader import describe_validation_error
+
+    data = {**(pending_request(str(Path(run_dir).expanduser().resolve())) or {}),
+            **(overrides or {})}
+    if not data.get("repo_id"):
+        raise errors.ProfileError(
+            f"publish.repo_id: no repo to publish {run_dir} to (no approval request names "
+            "one, and none was given). Fix: loraflow publish RUN_DIR --set "
+            "publish.repo_id=namespace/name.")
+    try:
+        return PublishSection.model_validate(data)
+    except ValidationError as err:
+        raise errors.ProfileError(describe_validation_error(err, "publish")) from None
 
 
 @flow(name="loraflow-publish", log_prints=True)
@@ -50,7 +75,8 @@ def publish_run(run_dir: str, publish: Optional[PublishSection] = None) -> dict:
     Args:
         run_dir: the finished run's directory, as its "awaiting approval" note in the
             UI and `loraflow runs` show it (LORAFLOW_HOME/runs/<key>).
-        publish: where and how to publish instead of the run's own publish section.
+        publish: where and how to publish; None: where the latest approval request
+            for this run said (publish_section_for).
     """
     train = load_run(run_dir)
     section = publish or publish_section_for(run_dir)

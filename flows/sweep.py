@@ -24,7 +24,7 @@ from prefect.artifacts import create_table_artifact
 from flows.finetune import (StepRecorder, TRAINING_LIMIT, _empty_report, _print_progress,
                             fail, train_steps)
 from profiles.loader import apply_override
-from profiles.schema import Profile
+from profiles.schema import Profile, PublishSection
 from tasks.errors import ProfileError
 from tasks.launch import visible_gpus
 
@@ -56,10 +56,62 @@ def variant_name(overrides: dict[str, Any]) -> str:
 
 
 def variant_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    """The profile with one variant's overrides, validated.
+
+    Raises:
+        ProfileError: a value the schema refuses, naming the field.
+    """
+    from pydantic import ValidationError
+
+    from profiles.loader import describe_validation_error
+
     data = profile.model_dump(mode="json")
     for key, value in overrides.items():
         apply_override(data, f"{key}={json.dumps(value)}")
-    return Profile.model_validate(data)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(f"sweep variant {variant_name(overrides)}: "
+                           f"{describe_validation_error(err)}") from None
+
+
+def variant_publish(profile: Profile, name: str, publish: str) -> PublishSection:
+    """Where a variant publishes: `<publish.repo_id>-<variant>` with publish all, else
+    publish.repo_id. Validated like any publish.repo_id (model_copy would skip that).
+
+    Raises:
+        ProfileError: the derived id is not one the Hub accepts (publish.repo_id named).
+    """
+    from pydantic import ValidationError
+
+    from profiles.loader import describe_validation_error
+
+    section = profile.publish
+    if publish != "all":
+        return section
+    data = {**section.model_dump(mode="json"), "repo_id": f"{section.repo_id}-{name}"}
+    try:
+        return PublishSection.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(f"sweep --publish all names variant {name}'s repo "
+                           f"<publish.repo_id>-<variant>: "
+                           f"{describe_validation_error(err, 'publish')}") from None
+
+
+def plan_variants(profile: Profile, grid: dict[str, list], publish: str
+                  ) -> dict[str, tuple[dict, Profile, PublishSection]]:
+    """Every variant's overrides, profile and publish section, all validated before
+    anything runs.
+
+    Raises:
+        ProfileError: a bad grid, variant value or derived repo id.
+    """
+    planned = {}
+    for overrides in expand_grid(grid):
+        name = variant_name(overrides)
+        variant = variant_profile(profile, overrides)
+        planned[name] = (overrides, variant, variant_publish(variant, name, publish))
+    return planned
 
 
 def ensure_training_limit(slots: int) -> None:
@@ -147,11 +199,11 @@ def sweep(profile: Profile, grid: dict[str, list], publish: Literal["all", "best
 
     slots = max_concurrent_trainings or visible_gpus() or 1
     ensure_training_limit(slots)
-    variants = {variant_name(o): (o, variant_profile(profile, o)) for o in expand_grid(grid)}
+    variants = plan_variants(profile, grid, publish)
     with tempfile.TemporaryDirectory() as workdir:
         api_url = _api_url()
         procs = {name: launch_variant(p, name, Path(workdir), api_url)
-                 for name, (_, p) in variants.items()}
+                 for name, (_, p, _) in variants.items()}
         reports = {}
         for name, proc in procs.items():
             out, _ = proc.communicate()
@@ -161,9 +213,7 @@ def sweep(profile: Profile, grid: dict[str, list], publish: Literal["all", "best
     if done and publish != "none":
         chosen = done if publish == "all" else {min(done, key=lambda n: _score(done[n])): None}
         for name in chosen:
-            section = variants[name][1].publish
-            if publish == "all":
-                section = section.model_copy(update={"repo_id": f"{section.repo_id}-{name}"})
+            section = variants[name][2]
             result = run_publish(load_run(str(Path(done[name]["adapter"]["path"]).parent)),
                                  section)
             published[name] = result.model_dump()

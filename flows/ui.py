@@ -51,10 +51,12 @@ def awaiting_approval_artifact(report: dict) -> None:
         markdown=f"""# Awaiting approval: {approval['repo_id']}
 
 Adapter `{report['adapter']['sha256'][:16]}` trained and checked locally; nothing was
-published. To publish it, run the **{approval['deployment']}** deployment with
+published. To publish it to `{approval['repo_id']}`, run the **{approval['deployment']}**
+deployment with
 
     run_dir: {approval['run_dir']}
 
+(it publishes where this run asked; give it a `publish` parameter to publish elsewhere),
 or, on the machine that trained it: `{approval['command']}`.
 """, description="trained, not yet published")
 

@@ -45,20 +45,33 @@ def apply_override(data: dict, assignment: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def describe_validation_error(err: ValidationError) -> str:
-    """One line per bad field: the dotted field, what is wrong, and what it should be."""
+def describe_validation_error(err: ValidationError, section: str | None = None) -> str:
+    """One line per bad field: the dotted field, what is wrong, and what it should be.
+
+    Args:
+        err: pydantic's error for a Profile, or for one section validated alone.
+        section: the section's name when `err` is for a section alone (e.g. "publish"
+            for a PublishSection), so each line still names the full field.
+    Returns:
+        "invalid profile:" and one line per error.
+    """
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        path = ((section,) if section else ()) + tuple(e["loc"])
+        loc = ".".join(str(p) for p in path)
         got = e.get("input")
         if e["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown field. Fix: remove it or check its spelling "
                          "(`loraflow validate` prints every known field).")
             continue
         if e["type"] == "value_error":
-            lines.append(str(e["ctx"]["error"]))
+            message = str(e["ctx"]["error"])
+            # A field's own validator (e.g. the repo-id type) does not know its field's
+            # name; a model validator's message starts with the fields it names.
+            lines.append(message if not loc or message.startswith(f"{loc}:")
+                         else f"{loc}: {message}")
             continue
-        hint = _field_description(e["loc"])
+        hint = _field_description(path)
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{loc}: {e['msg']}{shown}. Fix: set {loc} to a valid value"
                      + (f" — {hint}" if hint else "."))

@@ -10,12 +10,40 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator,
+                      model_validator)
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a quick shape test (preflight)
+# The Hub's rule as a JSON-schema pattern, so the Prefect UI and the API refuse a bad id in
+# a deployment's parameters before a run exists; the authority is _hub_repo_id below.
+REPO_ID_PATTERN = r"^(?!.*(--|\.\.))(?!.*\.git$)\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?$"
+
+
+def _hub_repo_id(value: str) -> str:
+    """huggingface_hub's own repo-id rule (validate_repo_id: characters, length, no `--`
+    or `..`, no `.git` end) plus a namespace, which create_repo needs to know whose repo
+    it is. The message leaves the field name to the caller (pydantic's location)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise ValueError(f"'{value}' is not a repo id the Hub accepts ({exc}). Fix: use "
+                         "namespace/name with letters, digits, '-', '_' or '.', not starting "
+                         "or ending with '-' or '.', without '--' or '..', at most 96 "
+                         "characters, e.g. my-user/my-adapter.") from None
+    if "/" not in value:
+        raise ValueError(f"'{value}' has no namespace. Fix: write it as namespace/name "
+                         f"(your user or organisation), e.g. my-user/{value}.")
+    return value
+
+
+RepoId = Annotated[str, AfterValidator(_hub_repo_id),
+                   Field(json_schema_extra={"pattern": REPO_ID_PATTERN})]
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
@@ -40,7 +68,7 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """The base model and how it is loaded."""
 
-    id: str = Field(description="Hub repo id of the base model (from_pretrained's "
+    id: RepoId = Field(description="Hub repo id of the base model (from_pretrained's "
                     "pretrained_model_name_or_path), e.g. meta-llama/Llama-3.2-1B.")
     revision: str = Field("main", description="Branch, tag or commit of the base model "
                           "(from_pretrained's revision). Resolved to a commit sha by preflight.")
@@ -75,7 +103,7 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(
         False, description="from_pretrained's trust_remote_code. Only with a pinned "
         "40-hex model.revision, so the code that runs is the code you reviewed.")
-    base_id: Optional[str] = Field(
+    base_id: Optional[RepoId] = Field(
         None, description="Only when model.id is an adapter repo (adapter_config.json, no "
         "config.json), whose training then continues: the base model it must sit on. null: "
         "the base that adapter_config.json names; set: must equal it (a guard against "
@@ -349,7 +377,9 @@ class DataSection(_Section):
         "{tokens: [word, …], tags: [tag, …]} for token-classification; input-target "
         "{input, target} for seq2seq-lm. Label and tag names are collected from the data.")
     mask_prompt: bool = Field(True, description="Exclude prompt tokens from the loss "
-                              "(labels = -100), so only responses are learned.")
+                              "(labels = -100), so only responses are learned. format chat: "
+                              "false puts labels on every token of the rendered conversation "
+                              "(data.train_on is then moot).")
     max_length: int = Field(512, gt=8, description="Tokens per example; longer ones are "
                             "truncated (tokenizer truncation max_length).")
     eval_split: float = Field(0.1, ge=0.0, lt=0.5, description="Fraction held out for "
@@ -357,6 +387,20 @@ class DataSection(_Section):
     padding_side: Literal["right", "left"] = Field(
         "right", description="The tokenizer's padding_side when batches are padded: right "
         "(the usual for training), or left.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="format chat: which assistant turns carry labels — every "
+        "one (all_assistant) or only the conversation's last (last_assistant). A turn's labels "
+        "are exactly what the chat template renders for it: its content (or rendered tool call) "
+        "and its end-of-turn token, never the role header; tool, user and system turns are "
+        "never trained.")
+    chat_template: Optional[str] = Field(
+        None, description="format chat: null = the tokenizer's own template; a name of one "
+        "of the tokenizer's named templates (e.g. tool_use); or a path to a Jinja file "
+        "(its content keys the prepared dataset, not its path).")
+    system_message: Literal["keep", "merge", "drop"] = Field(
+        "keep", description="format chat: what to do with system turns — keep them; merge "
+        "their text into the next user turn (for templates that refuse a system role, e.g. "
+        "Gemma's); or drop them.")
 
 
 class TrainingSection(_Section):
@@ -429,7 +473,7 @@ class TrainingSection(_Section):
 class PublishSection(_Section):
     """Where the adapter is published."""
 
-    repo_id: str = Field(description="Target Hub repo id, namespace/name (create_repo's "
+    repo_id: RepoId = Field(description="Target Hub repo id, namespace/name (create_repo's "
                          "repo_id); the token's user must be able to write to the namespace.")
     private: bool = Field(True, description="create_repo's private: private unless you opt out.")
     tag: Optional[str] = Field(None, description="Tag for this version (create_tag's tag); "
@@ -470,12 +514,6 @@ class Profile(_Section):
             raise ValueError("model.trust_remote_code: remote code runs only from a pinned "
                              "commit. Fix: set model.revision to a 40-hex commit sha, or "
                              "set model.trust_remote_code to false.")
-        if not REPO_ID_RE.match(self.publish.repo_id):
-            raise ValueError(f"publish.repo_id: '{self.publish.repo_id}' is not namespace/name."
-                             " Fix: use e.g. my-user/my-adapter.")
-        if not REPO_ID_RE.match(self.model.id):
-            raise ValueError(f"model.id: '{self.model.id}' is not a Hub repo id "
-                             "(namespace/name). Fix: use e.g. meta-llama/Llama-3.2-1B.")
         if self.training.eval_steps and self.data.eval_split == 0:
             raise ValueError("training.eval_steps: evaluation needs held-out data. Fix: set "
                              "data.eval_split above 0, or training.eval_steps to null.")
@@ -484,9 +522,6 @@ class Profile(_Section):
                              f"{self.quantization.mode} base the adapter converted back to plain "
                              "LoRA no longer reproduces the trained model. Fix: set lora.init "
                              "to default or gaussian, or quantization.mode to none.")
-        if self.model.base_id is not None and not REPO_ID_RE.match(self.model.base_id):
-            raise ValueError(f"model.base_id: '{self.model.base_id}' is not a Hub repo id "
-                             "(namespace/name). Fix: use e.g. meta-llama/Llama-3.2-1B.")
         if self.quantization.mode in ("nf4", "fp4") and self.model.dtype == "float32" \
                 and self.quantization.compute_dtype != "float32":
             raise ValueError("quantization.compute_dtype: float32 weights with a "

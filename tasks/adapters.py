@@ -185,8 +185,10 @@ def adapter_param_count(lora: LoraSection, name: str, in_features: int,
 
 def model_modules(model) -> tuple[list[str], list[str], list[str]]:
     """(linear module paths, output head paths, every module path) of a transformers
-    model; inside a peft model, an adapted layer counts as the linear it wraps."""
+    model; inside a peft model, an adapted layer counts as the linear it wraps.
+    transformers' Conv1D (GPT-2 family) counts as linear, as peft's 'all-linear' does."""
     import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2 family: a linear stored [in, out]
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
@@ -201,7 +203,7 @@ def model_modules(model) -> tuple[list[str], list[str], list[str]]:
         if isinstance(module, BaseTunerLayer):
             wrapped.append(name)
             linears.append(name)
-        elif isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__:
+        elif isinstance(module, (torch.nn.Linear, Conv1D)) or "Linear" in type(module).__name__:
             linears.append(name)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     heads = [n for n, m in base.named_modules() if head is not None and m is head]
@@ -229,17 +231,75 @@ def _peft_task_type(task: str):
     return peft_task_type(task)
 
 
-def peft_config(lora: LoraSection, task: str = "causal-lm"):
+def _weight_of(module):
+    """The weight of a module, through peft's wrappers (LoRA layer, modules_to_save)."""
+    for attr in ("base_layer", "original_module"):
+        module = getattr(module, attr, module)
+    return getattr(module, "weight", None)
+
+
+def tied_embeddings(model) -> bool:
+    """Whether the model's output head shares its weight with the input embeddings
+    (tie_word_embeddings: Llama-3.2-1B, Qwen2, Gemma, GPT-2, T5, …)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        head, emb = base.get_output_embeddings(), base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    if head is None or emb is None:
+        return False
+    weight, source = _weight_of(head), _weight_of(emb)  # through peft's wrappers
+    return weight is not None and source is not None and weight is source
+
+
+def touches_tied(model, lora: LoraSection) -> bool:
+    """Whether the adapter adapts or saves the tied head or input embeddings."""
+    if not tied_embeddings(model):
+        return False
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    emb = base.get_input_embeddings()
+    names = {n for n, m in base.named_modules() if m is head or m is emb}
+    leaves = {leaf(n) for n in names} | set(EMBEDDING_LAYER_NAMES)
+    targets = lora.target_modules
+    if isinstance(targets, str):
+        targeted = targets != "all-linear" and any(re.fullmatch(targets, n) for n in names)
+    else:
+        targeted = any(t in leaves or t in names for t in targets)
+    saved = any(_to_save([m], n) for m in lora.modules_to_save or () for n in names)
+    return targeted or saved
+
+
+def peft_config(lora: LoraSection, task: str = "causal-lm", model=None):
     """The peft config of the profile's method: the one mapping from `lora.*`.
 
     Fields a method has no use for are not passed (the schema refuses them when set).
+    With the base `model`: `fan_in_fan_out` when a targeted layer is transformers'
+    Conv1D (GPT-2 family), as peft expects it (it would otherwise warn and flip it per
+    layer).
+
+    Tied embeddings (lm_head sharing the input embeddings' weight) get *untied*
+    adapters: a LoRA on lm_head, or its copy in modules_to_save, changes the head only,
+    and the input embeddings stay the base's. peft's `ensure_weight_tying` (one adapter
+    for both) was not chosen: with it the tied LoRA weights are transposed views that a
+    plain safetensors save refuses, a second adapter loaded next to the first
+    (verification) does not reproduce it, and merging doubles the delta. adapter_notes
+    says this in the card; tasks/merge.py unties the merged export.
     """
     import peft
 
-    common = dict(target_modules=lora.target_modules, exclude_modules=lora.exclude_modules,
-                  modules_to_save=lora.modules_to_save, task_type=_peft_task_type(task))
+    # Copies: peft rewrites modules_to_save / target_modules in place for tied models.
+    listed = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    common = dict(target_modules=listed(lora.target_modules),
+                  exclude_modules=listed(lora.exclude_modules),
+                  modules_to_save=listed(lora.modules_to_save), task_type=_peft_task_type(task))
+    layout = {}
+    if model is not None and lora.method in ("lora", "ia3") and _targets_conv1d(model, lora):
+        layout["fan_in_fan_out"] = True
     if lora.method == "ia3":
-        return peft.IA3Config(feedforward_modules=lora.feedforward_modules, **common)
+        return peft.IA3Config(feedforward_modules=lora.feedforward_modules, **common, **layout)
     shaped = dict(layers_to_transform=lora.layers_to_transform,
                   rank_pattern=dict(lora.rank_pattern or {}),
                   alpha_pattern=dict(lora.alpha_pattern or {}), **common)
@@ -247,10 +307,73 @@ def peft_config(lora: LoraSection, task: str = "causal-lm"):
         return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                bias=lora.bias, use_rslora=lora.use_rslora,
                                use_dora=lora.use_dora,
-                               init_lora_weights=INIT_LORA_WEIGHTS[lora.init], **shaped)
+                               init_lora_weights=INIT_LORA_WEIGHTS[lora.init], **shaped,
+                               **layout)
     cls = peft.LoHaConfig if lora.method == "loha" else peft.LoKrConfig
     return cls(r=lora.r, alpha=lora.alpha, rank_dropout=lora.dropout,
                module_dropout=lora.module_dropout, **shaped)
+
+
+def adapter_notes(model, lora: LoraSection) -> list[str]:
+    """Sentences for the model card about what the adapter does to the model's layout
+    that the adapter_config alone does not tell a reader: the cost of heads saved in
+    full, tied embeddings, GPT-2-style Conv1D layers.
+
+    Written by hand (no library renders these); the numbers come from the model.
+
+    Args:
+        model: the base model, or the peft model built on it.
+        lora: the profile's lora section.
+    Returns:
+        Card sentences, possibly none.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    notes: list[str] = []
+    named = dict(base.named_modules())
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    head_name = next((n for n, m in named.items() if head is not None and m is head), None)
+    emb_name = next((n for n, m in named.items() if emb is not None and m is emb), None)
+    tied = tied_embeddings(base)
+    for wanted in lora.modules_to_save or ():
+        for name, module in named.items():
+            if not _to_save([wanted], name) or any(_to_save([wanted], p) for p in named
+                                                   if name.startswith(p + ".")):
+                continue
+            weights = [p for p in (module.original_module if hasattr(module, "original_module")
+                                   else module).parameters()]
+            count = sum(p.numel() for p in weights)
+            if not count:
+                continue
+            size = sum(p.numel() * p.element_size() for p in weights)
+            dtype = str(weights[0].dtype).replace("torch.", "")
+            notes.append(f"{name} is saved in full (modules_to_save): {count:,} parameters, "
+                         f"{size / 1e6:.1f} MB in {dtype}, in the adapter file and in "
+                         "memory while training (weights, gradients and optimizer state).")
+    if tied and touches_tied(base, lora):
+        notes.append(
+            f"The base ties {head_name} to {emb_name} (tie_word_embeddings: one weight for "
+            f"both). This adapter changes {head_name} only; {emb_name} keeps the base's "
+            f"weights. Loaded with peft on the base, that is what runs; a merged export "
+            f"unties them (tie_word_embeddings false, {head_name} saved as its own weight).")
+    from transformers.pytorch_utils import Conv1D
+
+    linears, heads, _ = model_modules(base)
+    chosen = set(targeted_names(lora, linears, heads))
+    conv = sorted({leaf(n) for n, m in named.items() if n in chosen and isinstance(m, Conv1D)})
+    if conv:
+        notes.append(f"{', '.join(conv)} are transformers Conv1D layers (weights stored "
+                     "[in, out]); the adapter is configured with fan_in_fan_out=true for them.")
+    return notes
+
+
+def _targets_conv1d(model, lora: LoraSection) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    linears, heads, _ = model_modules(model)
+    chosen = set(targeted_names(lora, linears, heads))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(isinstance(m, Conv1D) for n, m in base.named_modules() if n in chosen)
 
 
 def attach_adapter(base, lora: LoraSection, task: str = "causal-lm",
@@ -275,7 +398,7 @@ def attach_adapter(base, lora: LoraSection, task: str = "causal-lm",
         # to load next to leaf-named feedforward_modules.
         linears, heads, _ = model_modules(base)
         lora = lora.model_copy(update={"target_modules": resolved_targets(lora, linears, heads)})
-    config = peft_config(lora, task)
+    config = peft_config(lora, task, base)
     if continue_from is None:
         if lora.low_cpu_mem_usage:
             raise errors.ProfileError(
@@ -305,7 +428,10 @@ def _check_loaded(model, adapter_name: str, weights: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(weights))
-    held = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # save_embedding_layers False, as save_adapter saves: no base weights of a targeted
+    # lm_head / embedding ("auto" would add them, and ask the Hub for the base config).
+    held = get_peft_model_state_dict(model, adapter_name=adapter_name,
+                                     save_embedding_layers=False)
     missing = sorted(set(held) - set(saved))
     extra = sorted(set(saved) - set(held))
     differ = sorted(k for k in set(held) & set(saved)
@@ -339,7 +465,7 @@ def add_named_adapter(model, lora: LoraSection, task: str = "causal-lm"):
             f"one method. Fix: set lora.method to {sorted(have)[0]}, or load adapters of "
             "different types together with load_mixed (inference only).")
     check_target_modules(model, lora)
-    model.add_adapter(name, peft_config(lora, task))
+    model.add_adapter(name, peft_config(lora, task, model))
     model.set_adapter(name)
     return model
 

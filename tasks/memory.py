@@ -131,6 +131,7 @@ class Linear:
     in_features: int
     out_features: int
     in_block: bool       # inside the repeated decoder blocks
+    tied_to: Optional[str] = None  # a head whose weight is this embedding's (not in the files)
 
     @property
     def leaf(self) -> str:
@@ -161,23 +162,57 @@ def _block_stacks(tensors: TensorSpecs) -> dict[str, int]:
     return {p: len(i) for p, i in indices.items() if len(i) >= 2 or p == primary}
 
 
-def linear_modules(tensors: TensorSpecs) -> list[Linear]:
-    """2-D `.weight` tensors as (out, in) linear modules; embeddings (and T5's
-    relative-position bias tables, also embeddings) are excluded."""
+def _is_embedding(module: str) -> bool:
+    leaf = module.rsplit(".", 1)[-1]
+    return "embed" in leaf or leaf.endswith("_bias") or leaf in ("wte", "wpe", "shared")
+
+
+def linear_modules(tensors: TensorSpecs, config: Optional[dict] = None,
+                   task: str = "causal-lm") -> list[Linear]:
+    """2-D `.weight` tensors as linear modules; embeddings (and T5's relative-position
+    bias tables, also embeddings) are excluded.
+
+    With the model's config.json (`config`) and `model.task`: transformers' Conv1D
+    weights (GPT-2 family) are read as stored, [in, out], the others as nn.Linear's
+    [out, in]; and an output head tied to an embedding, which the files do not hold, is
+    listed with the embedding's shape (tasks.task_types.tied_weight_keys).
+    """
+    from tasks.task_types import conv1d_modules, tied_weight_keys
+
+    conv1d = conv1d_modules(config.get("model_type") or "") if config else frozenset()
     stacks = _block_stacks(tensors)
     out = []
     for name, (_, shape) in tensors.items():
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         module = name[: -len(".weight")]
-        leaf = module.rsplit(".", 1)[-1]
-        if "embed" in leaf or leaf.endswith("_bias") or module.endswith("wte") \
-                or module.endswith("wpe"):
+        if _is_embedding(module):
             continue
         in_block = any(module.startswith(p + ".") for p in stacks)
-        out.append(Linear(module, in_features=shape[1], out_features=shape[0],
-                          in_block=in_block))
+        inp, outp = (shape[0], shape[1]) if module.rsplit(".", 1)[-1] in conv1d \
+            else (shape[1], shape[0])
+        out.append(Linear(module, in_features=inp, out_features=outp, in_block=in_block))
+    for head, source in (tied_weight_keys(task, config) if config else {}).items():
+        module = head[: -len(".weight")] if head.endswith(".weight") else None
+        if source not in tensors and "." in source:
+            # A checkpoint of the bare base model (openai-community/gpt2: `wte.weight`)
+            # has no base-model prefix; transformers adds it when loading.
+            source = source.split(".", 1)[1]
+        if module is None or head in tensors or source not in tensors \
+                or _is_embedding(module) or len(tensors[source][1]) != 2:
+            continue
+        vocab, hidden = tensors[source][1]
+        out.append(Linear(module, in_features=hidden, out_features=vocab, in_block=False,
+                          tied_to=source[: -len(".weight")]))
     return out
+
+
+def module_paths(tensors: TensorSpecs, linears: list[Linear]) -> list[str]:
+    """Every module path the weights imply (each tensor's parents), with the tied heads."""
+    modules = {n.rsplit(".", 1)[0] for n in tensors if "." in n}
+    modules |= {lin.name for lin in linears}
+    modules |= {m.rsplit(".", i)[0] for m in list(modules) for i in range(1, m.count(".") + 1)}
+    return sorted(modules)
 
 
 def targeted(lora_targets, linears: list[Linear]) -> list[Linear]:
@@ -200,23 +235,23 @@ def targeted(lora_targets, linears: list[Linear]) -> list[Linear]:
             if any(m.name == t or m.name.endswith("." + t) for t in lora_targets)]
 
 
-def check_target_modules(lora_targets, tensors: TensorSpecs) -> None:
+def check_target_modules(lora_targets, tensors: TensorSpecs, config: Optional[dict] = None,
+                         task: str = "causal-lm") -> None:
     """Refuse target module names that match nothing, listing the names that exist.
 
     Given the whole lora section: regexes, exclude_modules, layers_to_transform,
-    rank/alpha patterns and modules_to_save too (tasks.adapters.check_modules)."""
+    rank/alpha patterns and modules_to_save too (tasks.adapters.check_modules). With
+    `config` (config.json) and `task`, Conv1D layers and tied heads count as well."""
+    linears = linear_modules(tensors, config, task)
     if hasattr(lora_targets, "target_modules"):
         from tasks.adapters import check_modules
 
-        linears = linear_modules(tensors)
-        modules = {n.rsplit(".", 1)[0] for n in tensors if "." in n}
-        modules |= {m.rsplit(".", i)[0] for m in list(modules) for i in range(1, m.count(".") + 1)}
         check_modules(lora_targets, [m.name for m in linears],
-                      [m.name for m in linears if not m.in_block], sorted(modules))
+                      [m.name for m in linears if not m.in_block],
+                      module_paths(tensors, linears))
         return
     if lora_targets == "all-linear":
         return
-    linears = linear_modules(tensors)
     unknown = [t for t in lora_targets
                if not any(m.name == t or m.name.endswith("." + t) for m in linears)]
     if unknown:
@@ -318,7 +353,7 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     cfg = config.get("text_config", config)
     dtype = resolved_dtype(profile, on_gpu, bf16_ok)
     elem = DTYPE_BYTES[dtype]
-    linears = linear_modules(tensors)
+    linears = linear_modules(tensors, config, profile.model.task)
     quantizable = {m.name + ".weight": m for m in linears if m.in_block} \
         if q.mode != "none" else {}
 
@@ -345,16 +380,33 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     adapter_params = sum(adapter_param_count(lora, m.name, m.in_features, m.out_features)
                          for m in targets)
 
-    d = int(cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("n_embd"))
-    f = int(cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner")
-            or cfg.get("d_ff") or cfg.get("encoder_ffn_dim") or 4 * d)
-    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
-                or cfg.get("encoder_attention_heads") or 1)
-    vocab = int(cfg.get("vocab_size"))
+    from tasks.task_types import config_attribute_map
+
+    # A config names sizes its own way (DistilBERT: dim, n_layers); its class's
+    # attribute_map says which key holds the standard one.
+    aliases = config_attribute_map(config.get("model_type") or "")
+
+    def field(*names):
+        for name in names:
+            for key in (name, aliases.get(name)):
+                if key and cfg.get(key):
+                    return cfg[key]
+        return None
+
+    embedding = next((s for n, (_, s) in tensors.items() if len(s) == 2 and n.endswith(
+        ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight",
+         "embed_in.weight"))), None)
+    d = int(field("hidden_size", "d_model", "n_embd") or (embedding or [0, 0])[1])
+    f = int(field("intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim",
+                  "hidden_dim") or 4 * d)
+    heads = int(field("num_attention_heads", "n_head", "num_heads",
+                      "encoder_attention_heads") or 1)
+    vocab = int(field("vocab_size") or (embedding or [0])[0])
     prefix = _block_prefix(tensors)
     # An encoder-decoder (T5: num_layers + num_decoder_layers) runs both stacks.
-    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer")
-                 or sum(_block_stacks(tensors).values()))
+    stacked = sum(_block_stacks(tensors).values())
+    layers = int(stacked if cfg.get("is_encoder_decoder") and stacked
+                 else field("num_hidden_layers", "n_layer") or stacked)
     mode = "fp32" if (upcast or dtype == "float32") else "mixed16"
     coef = ACTIVATIONS[mode]
     seq = profile.data.max_length
@@ -667,7 +719,7 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
     on_gpu = bool(gpus) and profile.model.device_map != "cpu"
     bf16_ok = all(g.bf16 for g in gpus) if gpus else True
     processes = resolve_launcher(profile.training, len(gpus))[1]
-    fused_loss = liger_expected(profile, on_gpu, processes)
+    fused_loss = liger_expected(profile, on_gpu, processes, config.get("model_type"))
     chosen = None
     if profile.training.memory_cap_gib is not None:
         chosen = fit_to_cap(profile, tensors, config, on_gpu, bf16_ok, processes, fused_loss)

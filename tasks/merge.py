@@ -17,7 +17,7 @@ from tasks.download import SnapshotManifest
 from tasks.hub import hub_api
 from tasks.modelcard import LINEAGE, card_metadata, lineage_manifest
 from tasks.publish import PublishResult, ensure_repo, push_bundle
-from tasks.task_types import head_kwargs, record_labels, task_type
+from tasks.task_types import head_kwargs, record_labels, task_type, tied_weight_keys
 from tasks.train import RECORD, TrainResult
 
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template", "generation_config")
@@ -35,26 +35,138 @@ def merged_dtype(profile: Profile):
                                                                       torch.bfloat16)
 
 
+def _untie_adapted_head(model) -> bool:
+    """Give a tied head its own weight before merging when a LoRA layer wraps it.
+
+    With tied embeddings the head's weight *is* the input embeddings' (Llama-3.2, Qwen2,
+    Gemma, GPT-2 …). Merging a LoRA on the head would write its delta into that shared
+    tensor (the embeddings change too, and with peft's ensure_weight_tying the
+    embeddings' own tied LoRA adds it a second time); saving with tie_word_embeddings
+    true would then drop the head on reload. So the head gets a copy of the weight
+    first, and the config says untied. peft does the same itself for a head saved in
+    full (modules_to_save). Returns whether it untied anything.
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tasks.adapters import tied_embeddings
+
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    if not tied_embeddings(base) or not isinstance(head, BaseTunerLayer):
+        return False
+    layer = head.get_base_layer()
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    _set_untied(base.config)
+    return True
+
+
+def _set_untied(config) -> None:
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        text.tie_word_embeddings = False
+
+
+def _probe_logits(model, local_dir: str, task: str):
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks.task_types import probe_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(local_dir)
+    inputs = probe_inputs(task, tokenizer, model, PROBE)
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+PROBE = "Below is an instruction that describes a task. Write a response."
+# Relative to the logits' scale: float32 merge rounding is orders of magnitude below it; a
+# dropped or doubled head change is not.
+MERGE_TOLERANCE = 1e-4
+
+
+def _refuse_if_differs(got, want, adapter_dir: str, stage: str) -> None:
+    diff = (got - want).abs().max().item()
+    if diff > MERGE_TOLERANCE * max(1.0, want.abs().max().item()):
+        raise errors.PublishError(
+            f"publish.merged: {stage} {adapter_dir} into its base changes the adapter's "
+            f"logits by up to {diff:.3g} (a base with tied embeddings: the head's change "
+            "would be lost or applied twice). Fix: publish the adapter alone "
+            "(publish.merged false) and load it with peft.")
+
+
 def merge_adapter(train: TrainResult, snapshot: SnapshotManifest, profile: Profile) -> Path:
-    """merge_and_unload over an unquantized 16-bit base → run_dir/merged/ (safetensors)."""
+    """merge_and_unload over an unquantized 16-bit base → run_dir/merged/ (safetensors).
+
+    A base with tied embeddings whose head the adapter changes is untied first (see
+    _untie_adapted_head). For a tied base, two checks: the float32 merge gives the
+    adapter's logits on a fixed prompt, and the saved export, loaded back as a user
+    would, holds every merged weight; an export that fails either is refused.
+
+    Raises:
+        PublishError: the merged export does not reproduce the adapter.
+    """
+    import torch
     import transformers
     from peft import PeftModel
+
+    from tasks.adapters import tied_embeddings
 
     out = Path(train.run_dir) / "merged"
     if (out / "config.json").is_file():
         return out
-    auto = getattr(transformers, task_type(profile.model.task).auto_class)
-    base = auto.from_pretrained(snapshot.local_dir, dtype=merged_dtype(profile),
-                                use_safetensors=True,
-                                trust_remote_code=profile.model.trust_remote_code,
-                                **head_kwargs(profile.model.task, record_labels(Path(train.run_dir) / RECORD)))
-    merged = PeftModel.from_pretrained(base, train.adapter_dir).merge_and_unload()
+    task = profile.model.task
+    auto = getattr(transformers, task_type(task).auto_class)
+    labels = head_kwargs(task, record_labels(Path(train.run_dir) / RECORD))
+    config = json.loads((Path(snapshot.local_dir) / "config.json").read_text())
+    # A tied base is merged and checked in float32 (the check compares exact numbers),
+    # then cast; the others merge in the 16-bit dtype they are saved in.
+    tied_config = bool(tied_weight_keys(task, config))
+    with torch.no_grad():
+        base = auto.from_pretrained(
+            snapshot.local_dir, dtype=torch.float32 if tied_config else merged_dtype(profile),
+            use_safetensors=True, trust_remote_code=profile.model.trust_remote_code, **labels)
+        tied = tied_config and tied_embeddings(base)
+        model = PeftModel.from_pretrained(base, train.adapter_dir).eval()
+        expected = None
+        if tied:
+            expected = _probe_logits(model, snapshot.local_dir, task)
+        _untie_adapted_head(model)
+        merged = model.merge_and_unload()
+        if tied and not tied_embeddings(merged):
+            _set_untied(merged.config)  # what peft leaves tied stays tied in the config
+        if expected is not None:
+            # The merge itself, in float32: a head delta written into a shared weight
+            # shows here.
+            _refuse_if_differs(_probe_logits(merged, snapshot.local_dir, task), expected,
+                               train.adapter_dir, "merging")
+        merged = merged.to(merged_dtype(profile))
     tmp = out.with_name("merged.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     for name in sorted(Path(snapshot.local_dir).iterdir()):
         if name.name.startswith(TOKENIZER_PREFIXES):
             shutil.copy2(name, tmp / name.name)
+    if tied:
+        # The export as a user loads it must hold the merged weights, every one: a config
+        # that re-ties the head on load (dropping its change) shows here.
+        again = auto.from_pretrained(str(tmp), dtype=merged_dtype(profile),
+                                     use_safetensors=True, **labels)
+        loaded = dict(again.named_parameters(remove_duplicate=False))
+        lost = [n for n, p in merged.named_parameters()
+                if n not in loaded or not torch.equal(loaded[n], p)]
+        # Other loaders (serving stacks, converters) re-tie a head the config calls tied.
+        if not tied_embeddings(merged) and getattr(
+                again.config.get_text_config(), "tie_word_embeddings", False):
+            lost.append("tie_word_embeddings")
+        if lost:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise errors.PublishError(
+                f"publish.merged: the merged export of {train.adapter_dir} does not load "
+                f"back as merged ({', '.join(lost[:3])} differ; tie_word_embeddings="
+                f"{again.config.tie_word_embeddings}: a re-tied head loses its change). "
+                "Fix: publish the adapter alone (publish.merged false) and load it with peft.")
     tmp.rename(out)  # a crash mid-save leaves no half "merged" directory behind
     return out
 

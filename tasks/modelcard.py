@@ -1,15 +1,17 @@
 """The files that travel with an adapter: model card (README.md), lineage manifest
 (loraflow.json) and loss curve (loss_curve.png).
 
-All three are pure functions of the run's record (and the target repo id, for the
-card's loading snippet), written into the run directory when training ends: a
-re-publish sends the same bytes, which is what makes publishing idempotent. No
-timestamps, no placeholders.
+All three are pure functions of the run's record and the publish section given when it
+is published (the repo id for the card's loading snippet, the license): rendered at
+publish time, never stored with the training, whose outputs depend on its cache key
+alone. A re-publish renders the same bytes, which is what makes publishing idempotent.
+No timestamps, no placeholders.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from tasks.plot import loss_curve_png
 from tasks.task_types import head_kwargs, task_type
@@ -60,25 +62,43 @@ def _fmt(value, digits: int = 4):
     return "n/a" if value is None else round(value, digits)
 
 
-def card_metadata(record: dict, repo_id: str, relation: str = "adapter"):
-    """ModelCardData: base model and relation, library, task, tags, data, license, results."""
+def dataset_name(data: dict) -> str:
+    """The dataset as a card names it: a Hub id, or a local file's name (never its path
+    on the training machine)."""
+    return data["id"] if data["source"] == "hub" else Path(data["id"]).name
+
+
+def card_metadata(record: dict, repo_id: str, relation: str = "adapter",
+                  license: Optional[str] = None):
+    """ModelCardData: base model and relation, library, task, tags, data, license, results.
+
+    Args:
+        record: the training's record.json.
+        repo_id: the repo the card is published in.
+        relation: "adapter", or "merge" for merged weights.
+        license: publish.license; None: the base model's.
+    Returns:
+        huggingface_hub.ModelCardData.
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     profile, base, data, metrics = (record["profile"], record["base_model"], record["dataset"],
                                     record["metrics"])
     quantized = profile["quantization"]["mode"] != "none"
     pipeline_tag = task_type(profile["model"].get("task", "causal-lm")).pipeline_tag
+    license = license or (profile.get("publish") or {}).get("license")  # an older record
     eval_results = None
     if metrics.get("eval_loss") is not None:
-        eval_results = [EvalResult(task_type=pipeline_tag, dataset_type=data["id"],
-                                   dataset_name=data["id"], metric_type="loss",
+        name = dataset_name(data)
+        eval_results = [EvalResult(task_type=pipeline_tag, dataset_type=name,
+                                   dataset_name=name, metric_type="loss",
                                    metric_value=round(metrics["eval_loss"], 6),
                                    metric_name="eval loss")]
     return ModelCardData(
         base_model=base["repo_id"], base_model_relation=relation,
         library_name="peft" if relation == "adapter" else "transformers",
         pipeline_tag=pipeline_tag,
-        license=profile["publish"].get("license") or base.get("license"),
+        license=license or base.get("license"),
         datasets=[data["id"]] if data["source"] == "hub" else None,
         tags=["loraflow", "qlora" if quantized else "lora",
               f"base_model:{relation}:{base['repo_id']}"],
@@ -94,15 +114,96 @@ def _continued(record: dict) -> str:
             "training started from its weights, not a fresh adapter")
 
 
-def render_model_card(record: dict, repo_id: str) -> str:
-    """README.md text: YAML metadata (via ModelCardData) + a body that reproduces the run."""
+GENERATES = ("causal-lm", "seq2seq-lm")
+
+
+def loading_snippet(record: dict, repo_id: str) -> str:
+    """Python that loads the published adapter with plain clients and runs a batch of
+    two texts of different lengths through it. The tokenizer comes from the adapter repo:
+    it carries the pad token training chose (EOS where the base has none) and the chat
+    template the data used; the base's config learns that pad id, which a classifier
+    needs to find each row's last token and generate needs to pad."""
+    base = record["base_model"]
+    task = record["profile"]["model"].get("task", "causal-lm")
+    auto, head_args = base_loader(record)
+    lines = [
+        "from peft import PeftModel",
+        f"from transformers import {auto}, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'base = {auto}.from_pretrained("{base["repo_id"]}", revision="{base["commit"]}"'
+        f"{head_args})",
+        "base.config.pad_token_id = tokenizer.pad_token_id",
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+        "",
+    ]
+    if task == "causal-lm":
+        lines.append('tokenizer.padding_side = "left"  # generate continues each row at its end')
+    lines.append('batch = tokenizer(["a first example", "a second example, a little longer"], '
+                 'padding=True, return_tensors="pt")')
+    if task in GENERATES:
+        lines.append("output = model.generate(**batch, max_new_tokens=8, "
+                     "pad_token_id=tokenizer.pad_token_id)")
+        lines.append("print(tokenizer.batch_decode(output, skip_special_tokens=True))")
+    else:
+        lines.append("logits = model(**batch).logits")
+        lines.append("print(logits.argmax(-1))")
+    return "\n".join(lines)
+
+
+def data_counts(data: dict) -> list[str]:
+    """The dataset step's counts as phrases — rows read, dropped and why, truncated —
+    from a record's "dataset" entry (what it does not say is left out)."""
+    parts = []
+    if data.get("rows_read") is not None:
+        parts.append(f"{data['rows_read']} rows read")
+    dropped = data.get("dropped") or {}
+    if dropped:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items()))
+        parts.append(f"{sum(dropped.values())} dropped ({why})")
+    elif data.get("rows_read") is not None:
+        parts.append("none dropped")
+    if data.get("truncated") is not None:
+        parts.append(f"{data['truncated']} truncated to data.max_length")
+    return parts
+
+
+def _tokenizer_line(record: dict) -> str:
+    tok = record.get("tokenizer")
+    if not tok:
+        return ""
+    template = (f", chat template sha256 `{tok['chat_template_sha256'][:16]}`"
+                if tok.get("chat_template_sha256") else "")
+    return (f"\n- Tokenizer: saved with the adapter; pad token `{tok['pad_token']}` "
+            f"(id {tok['pad_token_id']}){template}")
+
+
+def _notes(record: dict) -> str:
+    notes = (record.get("adapter") or {}).get("notes")
+    return ("\n## Notes on this adapter\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+            ) if notes else ""
+
+
+def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None) -> str:
+    """README.md text: YAML metadata (via ModelCardData) + a body that reproduces the run.
+
+    Args:
+        record: the training's record.json.
+        repo_id: the repo the card is published in.
+        publish: the publish section given at publish time (its license).
+    Returns:
+        The card's text.
+    """
     from huggingface_hub import ModelCard
 
     profile, base, data = record["profile"], record["base_model"], record["dataset"]
     metrics, adapter = record["metrics"], record["adapter"]
     auto, head_args = base_loader(record)
+    # A local file by its name: its path on the training machine is nobody's business.
+    data_section = {**profile["data"], "dataset": dataset_name(data)}
+    counts = ("; " + ", ".join(data_counts(data))) if data_counts(data) else ""
     data_pin = (f"`{data['id']}` at commit `{data['commit']}` (revision `{data['revision']}`)"
-                if data["source"] == "hub" else f"local file `{Path(data['id']).name}`, "
+                if data["source"] == "hub" else f"local file `{dataset_name(data)}`, "
                 f"sha256 `{data['sha256']}`")
     metric_rows = [("train loss (mean)", _fmt(metrics["train_loss"])),
                    ("first logged loss", _fmt(metrics["first_loss"])),
@@ -125,12 +226,7 @@ published by loraflow. Everything needed to reproduce the run is on this page an
 ## How to load it
 
 ```python
-from peft import PeftModel
-from transformers import {auto}, AutoTokenizer
-
-base = {auto}.from_pretrained("{base['repo_id']}", revision="{base['commit']}"{head_args})
-model = PeftModel.from_pretrained(base, "{repo_id}")
-tokenizer = AutoTokenizer.from_pretrained("{base['repo_id']}", revision="{base['commit']}")
+{loading_snippet(record, repo_id)}
 ```
 
 With peft installed, `{auto}.from_pretrained("{repo_id}"{head_args})` loads the base
@@ -140,10 +236,10 @@ and the adapter in one call.
 
 - Base model: `{base['repo_id']}` at commit `{base['commit']}`{_continued(record)}
 - Dataset: {data_pin}, format `{profile['data']['format']}`,
-  {data['num_train']} training and {data['num_eval']} evaluation examples
+  {data['num_train']} training and {data['num_eval']} evaluation examples{counts}
 - Adapter weights sha256: `{adapter['sha256']}`
-  ({adapter['trainable_params']:,} trainable of {adapter['total_params']:,} parameters)
-
+  ({adapter['trainable_params']:,} trainable of {adapter['total_params']:,} parameters){_tokenizer_line(record)}
+{_notes(record)}
 ## LoRA and quantization
 
 {_table(_section_rows(profile['lora'], 'lora') + _section_rows(profile['quantization'], 'quantization'))}
@@ -154,7 +250,7 @@ and the adapter in one call.
 
 ## Training hyperparameters
 
-{_table(_section_rows(profile['training'], 'training') + _section_rows(profile['data'], 'data'))}
+{_table(_section_rows(profile['training'], 'training') + _section_rows(data_section, 'data'))}
 
 ## Results
 
@@ -173,24 +269,32 @@ and the adapter in one call.
 - Prefect flow run of the training: {run_link}
 - Training cache key: `{record['train_key']}`
 """
-    return str(ModelCard(f"---\n{card_metadata(record, repo_id).to_yaml()}\n---\n{body}"))
+    license = (publish or {}).get("license")
+    return str(ModelCard(f"---\n{card_metadata(record, repo_id, license=license).to_yaml()}"
+                         f"\n---\n{body}"))
 
 
-def lineage_manifest(record: dict) -> dict:
-    """loraflow.json: the profile (no secrets), input hashes, adapter sha256, run ids."""
-    return {"loraflow_lineage": 1, **{k: record.get(k) for k in LINEAGE_KEYS}}
+def lineage_manifest(record: dict, publish: Optional[dict] = None) -> dict:
+    """loraflow.json: the profile (no secrets) with the publish section it was published
+    with, input hashes, adapter sha256, run ids."""
+    lineage = {"loraflow_lineage": 1, **{k: record.get(k) for k in LINEAGE_KEYS}}
+    if publish is not None:
+        lineage["profile"] = {**record["profile"], "publish": publish}
+    return lineage
 
 
-def publication_files(record: dict, repo_id: str) -> dict[str, bytes]:
-    """Card, lineage and loss curve as bytes, keyed by their path in the repo."""
+def publication_files(record: dict, publish: dict) -> dict[str, bytes]:
+    """Card, lineage and loss curve as bytes, keyed by their path in the repo.
+
+    Args:
+        record: the training's record.json.
+        publish: the publish section given at publish time, as JSON (repo_id, license…).
+    Returns:
+        {README.md, loraflow.json, loss_curve.png: bytes}, the same bytes for the same
+        arguments.
+    """
     points = [(h["step"], h["loss"]) for h in record["loss_history"]]
-    return {CARD: render_model_card(record, repo_id).encode(),
-            LINEAGE: (json.dumps(lineage_manifest(record), indent=1, sort_keys=True)
+    return {CARD: render_model_card(record, publish["repo_id"], publish).encode(),
+            LINEAGE: (json.dumps(lineage_manifest(record, publish), indent=1, sort_keys=True)
                       + "\n").encode(),
             LOSS_CURVE: loss_curve_png(points)}
-
-
-def write_publication_files(run_dir, record: dict, repo_id: str) -> None:
-    """Written once when training ends, so a later (re-)publish sends these bytes."""
-    for name, data in publication_files(record, repo_id).items():
-        (Path(run_dir) / name).write_bytes(data)

@@ -102,13 +102,18 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: 
     """
     import transformers
 
-    from tasks.task_types import check_local_config, head_kwargs, task_type
+    from tasks.task_types import (FRESH_MODULES_ATTR, check_local_config, fresh_modules,
+                                  head_kwargs, task_type)
 
     check_local_config(model.task, local_dir)
     auto = getattr(transformers, task_type(model.task).auto_class)
     try:
-        base = auto.from_pretrained(local_dir, **load_kwargs(model, quant),
-                                    **head_kwargs(model.task, labels))
+        base, info = auto.from_pretrained(local_dir, **load_kwargs(model, quant),
+                                          **head_kwargs(model.task, labels),
+                                          output_loading_info=True)
+        # What the checkpoint lacked is random on every load: the adapter must carry it
+        # (tasks.task_types.adapter_for_task).
+        setattr(base, FRESH_MODULES_ATTR, fresh_modules(info.get("missing_keys") or ()))
     except ImportError as exc:
         raise errors.ProfileError(
             f"model.attn_implementation / quantization.mode: a library it needs is missing "

@@ -219,6 +219,16 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
             f"{'none is visible here' if on_cpu else 'the package is not installed'}). Fix: "
             "pip install 'loraflow[fast]' on a GPU machine, or set it to auto (on where it "
             "can run) or false.")
+    from tasks.speed import adapts_output_head
+
+    if t.liger_kernel is True and profile.model.task == "causal-lm" \
+            and adapts_output_head(profile.lora):
+        raise errors.ProfileError(
+            "training.liger_kernel: true, and the adapter adapts or saves lm_head "
+            "(lora.target_modules / lora.modules_to_save): Liger's fused linear "
+            "cross-entropy multiplies by lm_head's own weight, past the adapter, so that "
+            "part would learn nothing. Fix: set training.liger_kernel to auto (off for "
+            "such an adapter) or false, or leave lm_head out of the adapter.")
     if m.attn_implementation == "flex_attention" and _major_minor("torch") < (2, 5):
         raise errors.ProfileError(
             "model.attn_implementation: flex_attention needs torch >= 2.5 (installed: "
@@ -265,10 +275,11 @@ def check_memory(api, profile: Profile, model: ModelRef, gpus: list,
     """Target modules exist, a continued adapter is the one the lora section describes,
     and the run fits the visible GPUs (headers only)."""
     tensors = model_tensors(api, model)
-    memory.check_target_modules(profile.lora, tensors)
+    config = model_config(api, model)
+    memory.check_target_modules(profile.lora, tensors, config, profile.model.task)
     if adapter is not None:
-        check_adapter_shape(profile, adapter, tensors)
-    return memory.plan_memory(profile, tensors, model_config(api, model), gpus=gpus)
+        check_adapter_shape(profile, adapter, tensors, config)
+    return memory.plan_memory(profile, tensors, config, gpus=gpus)
 
 
 def resolve_dataset(api, profile: Profile) -> DatasetRef:
@@ -425,12 +436,13 @@ def _commit_of(api, repo_id: str, revision: str) -> str:
                                          endpoint=settings.hub_endpoint()) from None
 
 
-def check_adapter_shape(profile: Profile, adapter: AdapterRef, tensors) -> None:
+def check_adapter_shape(profile: Profile, adapter: AdapterRef, tensors,
+                        config: Optional[dict] = None) -> None:
     """The lora section describes the adapter being continued (method, adapted modules
     resolved on the base's linear layers, r, alpha, …)."""
     from tasks.adapters import structure_mismatches
 
-    linears = memory.linear_modules(tensors)
+    linears = memory.linear_modules(tensors, config, profile.model.task)
     names = [lin.name for lin in linears]
     heads = [lin.name for lin in linears if not lin.in_block]
     wrong = structure_mismatches(profile.lora, adapter.config, names, heads)

@@ -15,9 +15,11 @@ from uuid import UUID
 from transformers import TrainerCallback
 
 
-def progress_key(repo_id: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{repo_id}-training-progress".lower()).strip("-")
+def progress_key(train_key: str) -> str:
+    """The artifact key of a training: by its cache key, not where it will be published
+    (a training's outputs and views depend on its key alone). Prefect artifact keys:
+    lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"training-progress-{train_key[:16]}".lower()).strip("-")
 
 
 def _in_prefect_run() -> bool:
@@ -30,12 +32,13 @@ class TrainingProgress(TrainerCallback):
     """Creates the artifact when training begins and updates it as steps complete.
 
     Args:
-        repo_id: the target repo, for the artifact's stable key (its history in the UI).
+        train_key: the training's cache key, for the artifact's stable key (its history
+            in the UI: every attempt of this training).
         min_interval_s: at most one update per interval (plus the final 100%).
     """
 
-    def __init__(self, repo_id: str, min_interval_s: float = 1.0):
-        self.key = progress_key(repo_id)
+    def __init__(self, train_key: str, min_interval_s: float = 1.0):
+        self.key = progress_key(train_key)
         self.min_interval_s = min_interval_s
         self.artifact_id: Optional[UUID] = None
         self._last = (-1.0, 0.0)  # (percent, monotonic time) of the last update

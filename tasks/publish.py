@@ -1,8 +1,9 @@
 """publish_adapter: one atomic commit of the adapter, its card, lineage and loss curve,
 plus a tag per version.
 
-- Atomic: adapter_config.json, adapter_model.safetensors, README.md, loraflow.json and
-  loss_curve.png land in one `create_commit`, made against the head it read
+- Atomic: adapter_config.json, adapter_model.safetensors, the tokenizer training used
+  (its files as saved next to the adapter), README.md, loraflow.json and loss_curve.png
+  land in one `create_commit`, made against the head it read
   (`parent_commit`), so two runs publishing to one repo at once cannot both land on the
   same head: the loser re-reads and tries again.
 - Versions: the profile's tag, or the next free `vN`; a tag that already points at
@@ -28,7 +29,7 @@ from pydantic import BaseModel
 from profiles.schema import PublishSection
 from tasks import errors, settings
 from tasks.hub import hub_api, repo_url
-from tasks.modelcard import CARD, LINEAGE, LOSS_CURVE, publication_files
+from tasks.modelcard import LINEAGE, publication_files
 from tasks.train import ADAPTER_FILES, RECORD, TrainResult
 
 MAX_ATTEMPTS = 3
@@ -154,17 +155,22 @@ def ensure_repo(api, repo_id: str, private: bool) -> None:
 
 
 def adapter_bundle(run_dir: Path, record: dict, publish: PublishSection) -> dict[str, object]:
-    """The files of one publication. The card, lineage and curve written at training end
-    are sent as they are when the run's own publish section is the one used (the same
-    bytes on every re-publish); publishing elsewhere re-renders them with that section,
-    so the lineage names the publication it travels with."""
-    files: dict[str, object] = {name: run_dir / "adapter" / name for name in ADAPTER_FILES}
-    wanted = publish.model_dump(mode="json")
-    if record["profile"]["publish"] == wanted:
-        files.update({name: run_dir / name for name in (CARD, LINEAGE, LOSS_CURVE)})
-        return files
-    retargeted = {**record, "profile": {**record["profile"], "publish": wanted}}
-    files.update(publication_files(retargeted, publish.repo_id))
+    """The files of one publication: the adapter and the tokenizer saved with it, and the
+    card, lineage and loss curve rendered from the training record and the publish
+    section given now (rendering is pure: the same bytes on every re-publish to the same
+    place, and the lineage names the publication it travels with).
+
+    Args:
+        run_dir: the finished training's run directory.
+        record: its record.json.
+        publish: where and how it is published.
+    Returns:
+        Path in repo → local path or bytes.
+    """
+    adapter = run_dir / "adapter"
+    names = list(ADAPTER_FILES) + list((record.get("tokenizer") or {}).get("files") or [])
+    files: dict[str, object] = {name: adapter / name for name in names}
+    files.update(publication_files(record, publish.model_dump(mode="json")))
     return files
 
 

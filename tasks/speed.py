@@ -7,6 +7,13 @@ Imports torch lazily, like tasks/modeling.py.
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
 from profiles.schema import Profile
 from tasks import errors
 
@@ -24,16 +31,60 @@ def liger_available() -> bool:
     return torch.cuda.is_available() and liger_installed()
 
 
-def liger_expected(profile: Profile, cuda: bool, processes: int) -> bool:
+def adapts_output_head(lora) -> bool:
+    """Whether the adapter adapts or saves the output head (lm_head / embed_out), e.g.
+    a tied model's lora.target_modules=[…, lm_head] or modules_to_save=[lm_head]."""
+    heads = ("lm_head", "embed_out")
+    targets = lora.target_modules
+    if isinstance(targets, str):
+        adapted = targets != "all-linear" and any(re.fullmatch(targets, h) for h in heads)
+    else:
+        adapted = any(t.rsplit(".", 1)[-1] in heads for t in targets)
+    return adapted or any(m.rsplit(".", 1)[-1] in heads for m in lora.modules_to_save or ())
+
+
+@lru_cache(maxsize=1)
+def liger_model_types() -> Optional[frozenset[str]]:
+    """The model types Liger has kernels for (the keys of its
+    MODEL_TYPE_TO_APPLY_LIGER_FN), read from its source without importing it (that
+    imports torch and Triton); None when unknown (not installed, another layout)."""
+    spec = importlib.util.find_spec("liger_kernel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "transformers" / "monkey_patch.py"
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
+                isinstance(t, ast.Name) and t.id == "MODEL_TYPE_TO_APPLY_LIGER_FN"
+                for t in node.targets):
+            return frozenset(k.value for k in node.value.keys
+                             if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    return None
+
+
+def liger_expected(profile: Profile, cuda: bool, processes: int,
+                   model_type: Optional[str] = None) -> bool:
     """Whether training will run with Liger (FSDP, for a 4-bit base over several
     processes, runs without it): auto → on where it can run, for a causal LM (its loss and
-    MLP patches are for decoder-only language models). Without importing torch, so the
-    memory estimate can ask too."""
+    MLP patches are for decoder-only language models) of a model type Liger has kernels
+    for (`model_type`, from config.json; None: not checked), and not when the adapter
+    adapts or saves lm_head: Liger's fused linear cross-entropy multiplies by
+    lm_head.weight itself, past the adapter, which would then learn nothing there.
+    Without importing torch, so the memory estimate can ask too."""
     choice = profile.training.liger_kernel
     sharded = processes > 1 and profile.quantization.mode in ("nf4", "fp4")
     if sharded or not cuda or choice is False:
         return False
-    return choice is True or (profile.model.task == "causal-lm" and liger_installed())
+    if choice is True:
+        return True
+    supported = liger_model_types()
+    if model_type is not None and supported is not None and model_type not in supported:
+        return False
+    return (profile.model.task == "causal-lm" and liger_installed()
+            and not adapts_output_head(profile.lora))
 
 
 def use_torch_compile(profile: Profile, cuda: bool, processes: int) -> bool:
@@ -49,15 +100,21 @@ def use_torch_compile(profile: Profile, cuda: bool, processes: int) -> bool:
     return choice
 
 
-def use_liger(profile: Profile) -> bool:
-    """training.liger_kernel for this process (see liger_expected); true → required."""
+def use_liger(profile: Profile, model_type: Optional[str] = None) -> bool:
+    """training.liger_kernel for this process (see liger_expected); true → required.
+
+    Args:
+        model_type: the base's config.model_type, so auto stays off for a model type
+            Liger has no kernels for.
+    """
     import torch
 
     if profile.training.liger_kernel is True and not liger_available():
         raise errors.ProfileError(
             "training.liger_kernel: true needs the liger-kernel package and a CUDA GPU. "
             "Fix: pip install 'loraflow[fast]' on a GPU machine, or set it to auto/false.")
-    return liger_expected(profile, torch.cuda.is_available(), processes=1)
+    return liger_expected(profile, torch.cuda.is_available(), processes=1,
+                          model_type=model_type)
 
 
 # (module, its globals before Liger patched it), undone by undo_module_patches().

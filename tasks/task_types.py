@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -152,6 +153,17 @@ def head_kwargs(task: str, labels: Optional[list[str]]) -> dict:
 CLASSIFIER_HEADS = ("classifier", "score")
 
 
+# Set by tasks.modeling.load_base_model on the loaded model: the modules whose weights the
+# checkpoint lacked, which transformers initialised at random (a new head, a pooler).
+FRESH_MODULES_ATTR = "loraflow_fresh_modules"
+
+
+def fresh_modules(missing_keys) -> list[str]:
+    """The module paths of the parameters from_pretrained reported missing (its
+    output_loading_info), i.e. initialised at random on this load."""
+    return sorted({k.rsplit(".", 1)[0] for k in missing_keys if "." in k})
+
+
 def adapter_for_task(base, lora, task: str):
     """The lora section as model.task needs it on this model.
 
@@ -159,17 +171,41 @@ def adapter_for_task(base, lora, task: str):
     'all-linear' must not wrap it in an adapter too: peft leaves it out for SEQ_CLS but
     not for TOKEN_CLS, and then fails ("modules_to_save cannot be applied to modules of
     type lora.Linear"). The head is added to lora.exclude_modules in both cases.
+
+    Any other module the checkpoint lacked (DistilBERT's pre_classifier, the pooler of
+    a BERT saved without one) is drawn at random on every load: unless the adapter
+    carries it, the published adapter reproduces nothing on another machine. It is
+    added to lora.modules_to_save (trained and saved whole) and left out of
+    'all-linear' like a head.
     """
-    if not TASKS[task].classifies or lora.target_modules != "all-linear":
+    from tasks.adapters import model_modules, resolved_targets
+
+    present = [h for h in CLASSIFIER_HEADS if getattr(base, h, None) is not None] \
+        if TASKS[task].classifies else []
+    fresh = [m for m in getattr(base, FRESH_MODULES_ATTR, None) or []
+             if not any(m == h or m.startswith(h + ".") for h in present)]
+    if fresh:
+        have = list(lora.modules_to_save or [])
+        lora = lora.model_copy(update={"modules_to_save": have + [
+            m for m in fresh if m not in have
+            and not any(m.startswith(p + ".") for p in fresh)]})
+    if lora.target_modules != "all-linear" or not (present or fresh):
         return lora
-    heads = [n for n in CLASSIFIER_HEADS if getattr(base, n, None) is not None]
+    linears, out_heads = model_modules(base)[:2] if hasattr(base, "named_modules") else ([], [])
+    # A head may be one linear (BERT's classifier) or a block of them (RoBERTa's
+    # classifier.dense / classifier.out_proj): every linear in it is left out.
+    heads = [name for h in present
+             for name in ([n for n in linears if n.startswith(h + ".")] or [h])]
+    targets = set(resolved_targets(lora, linears, out_heads))
+    heads += [n for n in linears if n.rsplit(".", 1)[-1] in targets and n not in heads
+              and any(n == f or n.startswith(f + ".") for f in fresh)]
     current = lora.exclude_modules
     if not heads:
         return lora
     if current is None:
         exclude = heads
     elif isinstance(current, str):  # a regex over full module paths
-        exclude = f"(?:{current})|{'|'.join(heads)}"
+        exclude = f"(?:{current})|{'|'.join(re.escape(h) for h in heads)}"
     else:
         exclude = list(current) + [h for h in heads if h not in current]
     return lora.model_copy(update={"exclude_modules": exclude})
@@ -235,3 +271,132 @@ def record_labels(record_path) -> Optional[list[str]]:
     except (OSError, ValueError):
         return None
     return (record.get("dataset") or {}).get("labels")
+
+
+# ------------------------------------------------------------------ module layout from the source
+# Preflight knows a model only by its config.json and safetensors headers. Two facts of
+# its layout are in neither: which weights are transformers' Conv1D (GPT-2 family: stored
+# [in, out], the transpose of nn.Linear) and which output head the class ties to an
+# embedding (a tied model's files hold no lm_head weight, yet the module exists). Both are
+# read here from transformers' own modeling source, without importing it (importing it
+# imports torch), so a new architecture needs no table of ours.
+
+def _transformers_dir() -> Optional[Path]:
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@lru_cache(maxsize=None)
+def _modeling_tree(model_type: str):
+    """The parsed models/<module>/modeling_<module>.py of a model_type, or None."""
+    root = _transformers_dir()
+    if root is None or not model_type:
+        return None
+    module = model_type.replace("-", "_")
+    if not (root / "models" / module).is_dir():
+        module = _special_module_names().get(model_type, module)
+    path = root / "models" / module / f"modeling_{module}.py"
+    try:
+        return ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return None
+
+
+@lru_cache(maxsize=1)
+def _special_module_names() -> dict[str, str]:
+    """transformers' SPECIAL_MODEL_TYPE_TO_MODULE_NAME (e.g. openai-gpt → openai)."""
+    root = _transformers_dir()
+    out: dict[str, str] = {}
+    for name in ("auto_mappings.py", "configuration_auto.py"):
+        try:
+            tree = ast.parse((root / "models" / "auto" / name).read_text())
+        except (OSError, SyntaxError, TypeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "SPECIAL_MODEL_TYPE_TO_MODULE_NAME"
+                    for t in node.targets):
+                value = node.value.args[0] if isinstance(node.value, ast.Call) \
+                    and node.value.args else node.value
+                try:
+                    out.update(dict(ast.literal_eval(value)))
+                except ValueError:
+                    continue
+    return out
+
+
+@lru_cache(maxsize=None)
+def conv1d_modules(model_type: str) -> frozenset[str]:
+    """Leaf names of the modules a model_type builds as transformers' Conv1D
+    (`self.c_attn = Conv1D(...)` in its modeling file), e.g. gpt2 → c_attn, c_fc,
+    c_proj, q_attn. Their weights are stored [in_features, out_features]."""
+    tree = _modeling_tree(model_type)
+    if tree is None:
+        return frozenset()
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                and isinstance(node.value.func, ast.Name) and node.value.func.id == "Conv1D":
+            out |= {t.attr for t in node.targets if isinstance(t, ast.Attribute)}
+    return frozenset(out)
+
+
+def tied_weight_keys(task: str, config: dict) -> dict[str, str]:
+    """{tied weight: the weight it shares} of the class `model.task` loads for this
+    config (its `_tied_weights_keys`, e.g. lm_head.weight → model.embed_tokens.weight),
+    when the config ties word embeddings; {} otherwise or when unknown.
+
+    transformers' PreTrainedConfig ties by default: a config.json without
+    `tie_word_embeddings` counts as tied (the files then lack the head's weight)."""
+    cfg = config.get("text_config", config)
+    if not cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True)):
+        return {}
+    model_type = config.get("model_type")
+    cls = _auto_mappings().get(TASKS[task].mapping, {}).get(model_type)
+    tree = _modeling_tree(model_type) if cls else None
+    if tree is None:
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.Assign) and any(
+                        isinstance(t, ast.Name) and t.id == "_tied_weights_keys"
+                        for t in item.targets):
+                    try:
+                        value = ast.literal_eval(item.value)
+                    except ValueError:
+                        return {}
+                    return dict(value) if isinstance(value, dict) else {}
+    return {}
+
+
+@lru_cache(maxsize=None)
+def config_attribute_map(model_type: str) -> dict[str, str]:
+    """The config class's `attribute_map` (standard name → this model's own key, e.g.
+    distilbert: hidden_size → dim, num_hidden_layers → n_layers), read from
+    transformers' configuration source without importing it; {} when unknown."""
+    root = _transformers_dir()
+    if root is None or not model_type:
+        return {}
+    module = model_type.replace("-", "_")
+    if not (root / "models" / module).is_dir():
+        module = _special_module_names().get(model_type, module)
+    try:
+        tree = ast.parse((root / "models" / module / f"configuration_{module}.py").read_text())
+    except (OSError, SyntaxError):
+        return {}
+    out: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "attribute_map" for t in targets) \
+                    and node.value is not None:
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                if isinstance(value, dict):
+                    out.update(value)
+    return out

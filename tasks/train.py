@@ -34,14 +34,19 @@ from tasks import errors, settings
 from tasks.adapters import adapter_weights_path
 from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
                            write_manifest)
-from tasks.dataset import DatasetManifest
+from tasks.dataset import DatasetManifest, resolve_chat_template
 from tasks.launch import accumulation_steps, resolve_launcher, run_torchrun, world
 from tasks.download import SnapshotManifest
-from tasks.modelcard import CARD, LINEAGE, LOSS_CURVE, write_publication_files
 from tasks.preflight import PreflightReport
 from tasks.retry import TRANSIENT_RETRIES
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Record fields that belong to one execution, not to what the key says: the only parts of
+# a run directory's training outputs that differ between two runs with one key (with
+# train_log.jsonl, the per-attempt log). Everything else is a function of the key.
+PER_RUN_FIELDS = ("flow_run_id", "flow_run_url", "metrics.train_runtime_s",
+                  "metrics.peak_gpu_mem_gib", "metrics.resumed_from")
+PER_RUN_FILES = ("train_log.jsonl",)  # STEP_LOG
 RECORD = "record.json"
 STEP_LOG = "train_log.jsonl"
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
@@ -66,7 +71,8 @@ def train_inputs(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetM
     """What keys a training: base repo@commit and every file's sha256, the prepared
     dataset's key, the model/quantization/lora/training settings and this step's code.
     Left out on purpose: the publish section (where an adapter goes must not retrain
-    it), model.revision (the commit says it without moving), checkpoint cadence.
+    it, and nothing of it is in the outputs either), model.revision (the commit says it
+    without moving), checkpoint cadence.
     A continued adapter (model.id is an adapter repo) keys by its repo@commit and files."""
     inputs = {"base": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
                        "files": snapshot.file_hashes()},
@@ -94,8 +100,9 @@ def run_dir_for(key: str) -> Path:
 
 
 def _in_result(rel: str) -> bool:
-    # The manifest covers what a cache hit hands on, not the (changing) checkpoints.
-    return rel.startswith("adapter/") or rel in (RECORD, CARD, LINEAGE, LOSS_CURVE)
+    # The manifest covers what a cache hit hands on, not the (changing) checkpoints. The
+    # card, lineage and loss curve are not training outputs: publishing renders them.
+    return rel.startswith("adapter/") or rel == RECORD
 
 
 def _log_losses(log_history: list[dict]) -> tuple[list[dict], Optional[float]]:
@@ -220,7 +227,7 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
 
         collator = PackingCollator(profile.data.max_length, tokenizer.pad_token_id)
     from tasks.progress import TrainingProgress  # the run's progress artifact in the UI
-    callbacks = [TrainingProgress(profile.publish.repo_id)]
+    callbacks = [TrainingProgress(out.name)]  # the run directory is named by the train key
     if args.gradient_checkpointing and t.checkpoint_layers is not None:
         from tasks.speed import partial_checkpointing_callback
 
@@ -355,6 +362,11 @@ def _training_callback(stop: _StopRequest, steps: _StepLog):
             if stop.signum is not None:
                 control.should_save = True
                 control.should_training_stop = True
+            if control.should_save:
+                # Log at every checkpoint: the checkpoint's log history then accounts for
+                # every step's loss up to it, so a resumed run can report the mean loss
+                # over all steps (_mean_train_loss), not only those after the resume.
+                control.should_log = True
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -392,6 +404,62 @@ def _restore_finished(trainer, model, resume: str, state: dict):
         if "loss" in h:
             total, last = total + h["loss"] * (h["step"] - last), h["step"]
     return TrainOutput(trainer.state.global_step, total / last if last else 0.0, {})
+
+
+def _mean_train_loss(result, resumed_at: int, log_history: list[dict]) -> float:
+    """The mean loss over every step of the run, resumed or not.
+
+    transformers' TrainOutput.training_loss averages only the steps this attempt ran.
+    The steps before the resume are taken from the checkpoint's log history: each logged
+    loss is the mean over the steps since the previous log, and a log is forced at every
+    checkpoint (_training_callback), so those logs cover steps 1..resumed_at exactly.
+    """
+    if not resumed_at:
+        return result.training_loss
+    total, last = 0.0, 0
+    for h in log_history:
+        if "loss" in h and last < h["step"] <= resumed_at:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    after = result.global_step - resumed_at
+    steps = last + after
+    return (total + result.training_loss * after) / steps if steps else result.training_loss
+
+
+def _save_tokenizer(tokenizer, adapter_dir: Path, chat_template: Optional[str],
+                    padding_side: str) -> dict:
+    """Save the tokenizer as training used it next to the adapter, so the adapter repo
+    loads on its own (AutoTokenizer / pipeline(model=adapter_repo)) with the pad token
+    training chose (EOS where the base has none) and the chat template the data was
+    rendered with. The padding side saved is the base tokenizer's (data.padding_side is
+    a training choice; generation wants the base's). transformers' save_pretrained
+    writes the files; the record lists them, so publishing sends exactly these.
+
+    Returns:
+        The record's "tokenizer" entry: files, pad token and id, chat template sha256.
+    """
+    import hashlib
+
+    trained_side = tokenizer.padding_side
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.padding_side = padding_side
+    try:
+        saved = tokenizer.save_pretrained(str(adapter_dir))
+    finally:
+        tokenizer.padding_side = trained_side
+    names = sorted({Path(f).name for f in saved if Path(f).is_file()}
+                   - set(ADAPTER_FILES))
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return {"files": names, "pad_token": tokenizer.pad_token,
+            "pad_token_id": tokenizer.pad_token_id, "padding_side": padding_side,
+            "chat_template_sha256": template and hashlib.sha256(template.encode()).hexdigest()}
+
+
+def _dataset_counts(dataset: DatasetManifest) -> dict:
+    """What the dataset step read, dropped (reason → rows) and truncated, for the run
+    summary and the card."""
+    return {"rows_read": dataset.rows_read, "dropped": dict(dataset.dropped),
+            "truncated": dataset.truncated}
 
 
 def _adopt(out: Path) -> Optional[TrainResult]:
@@ -474,7 +542,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, set_seed
 
-    from tasks.adapters import (converts_on_save, name_base, save_adapter,
+    from tasks.adapters import (adapter_notes, converts_on_save, name_base, save_adapter,
                                 save_initial_adapter, unchanged_tensors)
     from tasks.modeling import inject_adapter, load_base_model
     from tasks.speed import apply_liger, use_liger
@@ -487,8 +555,9 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
                                                     indent=1, sort_keys=True))
     set_seed(profile.training.seed)
     # pad = EOS only where the tokenizer has no pad token; data.padding_side applied.
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(snapshot.local_dir),
-                                  profile.data.padding_side)
+    tokenizer = AutoTokenizer.from_pretrained(snapshot.local_dir)
+    base_padding_side = tokenizer.padding_side
+    tokenizer = prepare_tokenizer(tokenizer, profile.data.padding_side)
     model_section = profile.model
     if world_size > 1 and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -560,6 +629,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     finally:
         steps.close()
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    resumed_at = int(Path(resume).name.split("-")[1]) if resume else 0
 
     adapter_dir = out / "adapter"
     name_base(model, profile.lora.adapter_name, snapshot.repo_id, snapshot.commit)
@@ -593,8 +663,16 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
             "data; on CPU, 4-bit bitsandbytes weights stop passing gradients after an "
             "evaluation forward — use quantization.mode int8 or none there.")
 
+    # peft's save writes a stub README.md naming the local download folder: the card is
+    # rendered at publish time, and the training's outputs must not depend on where they are.
+    (adapter_dir / "README.md").unlink(missing_ok=True)
+    tokenizer_entry = _save_tokenizer(tokenizer, adapter_dir,
+                                      resolve_chat_template(profile.data, tokenizer),
+                                      base_padding_side)
     losses, eval_loss = _log_losses(trainer.state.log_history)
-    metrics = {"train_loss": result.training_loss, "first_loss": losses[0]["loss"],
+    train_loss = (result.training_loss if finished is not None
+                  else _mean_train_loss(result, resumed_at, trainer.state.log_history))
+    metrics = {"train_loss": train_loss, "first_loss": losses[0]["loss"],
                "last_loss": losses[-1]["loss"], "eval_loss": eval_metrics.get("eval_loss",
                                                                                eval_loss),
                "steps": trainer.state.global_step, "resumed_from": resume and Path(resume).name,
@@ -604,16 +682,20 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     adapter_sha = sha256_file(adapter_dir / "adapter_model.safetensors")
     record = {
         "train_key": key, "flow_run_id": flow_run_id, "flow_run_url": _flow_run_url(flow_run_id),
-        "profile": given.model_dump(mode="json"),
+        # Without the publish section: where the adapter goes is said at publish time.
+        "profile": given.model_dump(mode="json", exclude={"publish"}),
         "memory_plan": preflight.memory.training if preflight.memory else None,
         "base_model": {"repo_id": snapshot.repo_id, "commit": snapshot.commit,
                        "license": preflight.base_model.license,
                        "files": snapshot.file_hashes()},
         "dataset": {**preflight.dataset.model_dump(mode="json"), "prepared_key": dataset.key,
                     "num_train": dataset.num_train, "num_eval": dataset.num_eval,
-                    "labels": dataset.labels},
+                    "labels": dataset.labels, **_dataset_counts(dataset)},
         "adapter": {"sha256": adapter_sha, "trainable_params": trainable,
-                    "total_params": total},
+                    "total_params": total,
+                    # Card sentences: lm_head / tied embeddings / modules_to_save cost.
+                    "notes": adapter_notes(model, profile.lora) or None},
+        "tokenizer": tokenizer_entry,
         "continued_from": continued and {
             "repo_id": continued.repo_id, "commit": continued.commit,
             "files": continued.file_hashes(),
@@ -626,8 +708,6 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
             getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())},
     }
     (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
-    # The card and lineage are written now, so a later (re-)publish sends these bytes.
-    write_publication_files(out, record, profile.publish.repo_id)
     write_manifest(out, {"step": "train", "inputs": train_inputs(given, snapshot, dataset)},
                    include=_in_result)
     return TrainResult(run_dir=str(out), adapter_dir=str(adapter_dir), adapter_sha256=adapter_sha,

@@ -172,3 +172,167 @@ def test_the_quickstart_lora_section_describes_the_seeded_adapter():
 def test_a_different_adapter_shape_is_named(sets, says):
     wrong = adapters.structure_mismatches(_lora(*sets), SEEDED, *_linears())
     assert any(says in w for w in wrong), wrong
+
+
+# ------------------------------------------------------------------ Conv1D and tied heads
+# Tiny real transformers models (random weights): what preflight reads from their headers
+# and config.json must select exactly the modules peft itself adapts.
+
+def _tiny(arch: str, tmp_path):
+    """A tiny model of localhub.seed_arch saved to disk: (directory, config.json, headers)."""
+    import json
+
+    from localhub.seed_arch import ARCHS, build
+
+    directory = build(ARCHS[arch], tmp_path / arch)
+    config = json.loads((directory / "config.json").read_text())
+    return directory, config, memory.read_safetensors_headers(directory)
+
+
+def _peft_targets(directory, lora):
+    """peft's own choice of modules on the loaded model, with loraflow's peft config."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(directory))
+    model = get_peft_model(base, adapters.peft_config(lora, "causal-lm", base))
+    return model, sorted(model.targeted_module_names)
+
+
+@pytest.mark.parametrize("sets", [[], ["lora.target_modules=[c_attn]"],
+                                  ["lora.target_modules=[c_fc, c_proj]"]])
+def test_gpt2_conv1d_layers_are_targets_in_preflight_and_in_peft(sets, tmp_path):
+    import warnings
+
+    directory, config, tensors = _tiny("arch-gpt2", tmp_path)
+    lora = _lora(*sets)
+    memory.check_target_modules(lora, tensors, config)  # no "only lm_head exists"
+    linears = memory.linear_modules(tensors, config)
+    ours = sorted(adapters.targeted_names(lora, [m.name for m in linears],
+                                          [m.name for m in linears if not m.in_block]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # peft's fan_in_fan_out flip warns
+        model, theirs = _peft_targets(directory, lora)
+    assert ours == theirs and ours
+    assert model.peft_config["default"].fan_in_fan_out is True
+    # The loaded model's scan (what training checks) agrees as well.
+    assert sorted(adapters.targeted_names(lora, *adapters.model_modules(model)[:2])) == theirs
+
+
+def test_conv1d_shapes_are_read_in_out_and_the_estimate_counts_peft_parameters(tmp_path):
+    directory, config, tensors = _tiny("arch-gpt2", tmp_path)
+    c_fc = next(m for m in memory.linear_modules(tensors, config) if m.leaf == "c_fc")
+    assert (c_fc.in_features, c_fc.out_features) == (64, 256)   # Conv1D weight is [in, out]
+    profile = load_profile("quickstart", ["model.dtype=float32"])
+    model, _ = _peft_targets(directory, profile.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    estimate = memory.estimate_training_memory(profile, tensors, config, on_gpu=False)
+    assert estimate.adapter_parameters == trainable
+
+
+@pytest.mark.parametrize("arch", ["arch-llama-tied", "arch-qwen2", "arch-gemma", "arch-gpt2"])
+@pytest.mark.parametrize("sets", [["lora.target_modules=[q_proj, v_proj, lm_head]"],
+                                  ["lora.modules_to_save=[lm_head]"]])
+def test_a_tied_head_passes_preflight_and_peft_adapts_it(arch, sets, tmp_path):
+    directory, config, tensors = _tiny(arch, tmp_path)
+    assert "lm_head.weight" not in tensors and config["tie_word_embeddings"] is True
+    if arch == "arch-gpt2":
+        sets = [s.replace("q_proj, v_proj", "c_attn") for s in sets]
+    lora = _lora(*sets)
+    memory.check_target_modules(lora, tensors, config)  # was: "name no module"
+    head = next(m for m in memory.linear_modules(tensors, config) if m.name == "lm_head")
+    assert head.tied_to and head.out_features == config["vocab_size"]
+    linears = memory.linear_modules(tensors, config)
+    ours = sorted(adapters.targeted_names(lora, [m.name for m in linears],
+                                          [m.name for m in linears if not m.in_block]))
+    model, theirs = _peft_targets(directory, lora)
+    assert ours == theirs
+    if lora.modules_to_save:
+        saved = [n for n, _ in model.named_modules() if n.endswith("lm_head.modules_to_save")]
+        assert saved and lora.modules_to_save == ["lm_head"]   # peft did not rewrite ours
+    notes = adapters.adapter_notes(model, lora)
+    assert any("ties lm_head" in n for n in notes), notes
+    if lora.modules_to_save:
+        count = config["vocab_size"] * tensors[head.tied_to + ".weight"][1][1]
+        assert any(f"lm_head is saved in full (modules_to_save): {count:,} parameters" in n
+                   for n in notes), notes
+
+
+def test_a_tied_head_is_listed_only_where_the_task_s_class_has_one(tmp_path):
+    _, config, tensors = _tiny("arch-llama", tmp_path)
+    head = next(m for m in memory.linear_modules(tensors, config) if m.name == "lm_head")
+    assert head.tied_to is None                      # untied: the file's own lm_head
+    _, config, tensors = _tiny("arch-qwen2", tmp_path)
+    names = [m.name for m in memory.linear_modules(tensors, config, "seq-classification")]
+    assert "lm_head" not in names                    # Qwen2ForSequenceClassification: score
+    assert "lm_head" in [m.name for m in memory.linear_modules(tensors, config)]
+
+
+def test_liger_stays_off_where_its_fused_loss_would_bypass_an_adapted_lm_head(monkeypatch):
+    from tasks import preflight, speed
+    from tasks.memory import Gpu
+
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)  # a GPU machine with Liger
+    monkeypatch.setattr(speed, "liger_model_types", lambda: frozenset({"llama", "qwen2"}))
+    plain = load_profile("quickstart", [])
+    assert speed.liger_expected(plain, cuda=True, processes=1, model_type="llama")
+    assert not speed.liger_expected(plain, cuda=True, processes=1, model_type="gpt2")
+    for sets in (["lora.target_modules=[q_proj, lm_head]"], ["lora.modules_to_save=[lm_head]"]):
+        head = load_profile("quickstart", sets)
+        assert not speed.liger_expected(head, cuda=True, processes=1, model_type="llama")
+        forced = load_profile("quickstart", [*sets, "training.liger_kernel=true"])
+        monkeypatch.setattr(preflight, "_installed", lambda module: True)
+        gpu = Gpu(index=0, name="H200", total_bytes=140 * 2**30, free_bytes=140 * 2**30)
+        with pytest.raises(ProfileError, match="training.liger_kernel: true, and the adapter"):
+            preflight.check_loading_options(forced, [gpu])
+
+
+@pytest.mark.parametrize("sets", [["lora.target_modules=[q_proj, lm_head]"],
+                                  ["lora.modules_to_save=[lm_head]"]])
+def test_a_merged_export_of_a_tied_head_is_untied_and_reproduces_the_adapter(sets, tmp_path,
+                                                                              monkeypatch):
+    import json
+    import shutil
+
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tasks import errors, merge
+    from tasks.download import SnapshotManifest
+    from tasks.train import TrainResult
+
+    directory, _, _ = _tiny("arch-llama-tied", tmp_path)
+    profile = load_profile("quickstart", sets)
+    base = AutoModelForCausalLM.from_pretrained(str(directory))
+    model = get_peft_model(base, adapters.peft_config(profile.lora, "causal-lm", base))
+    with torch.no_grad():  # a "trained" adapter: every tensor moved
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    adapters.save_adapter(model, tmp_path / "run" / "adapter")
+    train = TrainResult.model_construct(run_dir=str(tmp_path / "run"),
+                                        adapter_dir=str(tmp_path / "run" / "adapter"))
+    snapshot = SnapshotManifest.model_construct(local_dir=str(directory))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    fresh = AutoModelForCausalLM.from_pretrained(str(directory))
+    peft_model = PeftModel.from_pretrained(fresh, train.adapter_dir).eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+
+    out = merge.merge_adapter(train, snapshot, profile)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()   # 16-bit export
+
+    if profile.lora.modules_to_save is None:
+        # Merging a LoRA into the shared weight (what merge_and_unload does on a tied
+        # model) changes the embeddings too: refused, not published.
+        monkeypatch.setattr(merge, "_untie_adapted_head", lambda m: False)
+        shutil.rmtree(out)
+        with pytest.raises(errors.PublishError, match="publish.merged: merging"):
+            merge.merge_adapter(train, snapshot, profile)
+        assert not out.exists()

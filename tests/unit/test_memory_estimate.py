@@ -5,6 +5,7 @@ No torch here: the estimate must run where torch is not imported.
 """
 from __future__ import annotations
 
+import math
 import subprocess
 
 import pytest
@@ -301,3 +302,65 @@ def test_a_memory_cap_picks_the_fastest_batch_and_checkpointing_that_fit():
     assert choose(48, fused_loss=False) != roomy
     with pytest.raises(memory.InsufficientMemoryError, match="training.memory_cap_gib"):
         choose(5)
+
+
+# openai-community/gpt2's config.json (the fields the estimate reads) and its header:
+# transformers' Conv1D stores c_attn / c_proj / c_fc as [in, out]; lm_head is tied.
+GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768,
+        "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
+
+
+def gpt2_tensors(c: dict = GPT2) -> memory.TensorSpecs:
+    d, V = c["n_embd"], c["vocab_size"]
+    t = {"wte.weight": ("F32", [V, d]), "wpe.weight": ("F32", [c["n_positions"], d]),
+         "ln_f.weight": ("F32", [d]), "ln_f.bias": ("F32", [d])}
+    for i in range(c["n_layer"]):
+        p = f"h.{i}."
+        t.update({p + "attn.c_attn.weight": ("F32", [d, 3 * d]),
+                  p + "attn.c_proj.weight": ("F32", [d, d]),
+                  p + "mlp.c_fc.weight": ("F32", [d, 4 * d]),
+                  p + "mlp.c_proj.weight": ("F32", [4 * d, d]),
+                  p + "ln_1.weight": ("F32", [d]), p + "ln_2.weight": ("F32", [d])})
+    return t
+
+
+def test_gpt2_conv1d_weights_are_read_in_out_from_the_config():
+    """Known from the config (model_type gpt2, read from transformers' source without
+    importing it): Conv1D shapes are [in, out]; without the config they read as Linear."""
+    linears = {m.name: m for m in memory.linear_modules(gpt2_tensors(), GPT2)}
+    assert (linears["h.0.mlp.c_fc"].in_features, linears["h.0.mlp.c_fc"].out_features) \
+        == (768, 3072)
+    assert (linears["h.0.attn.c_attn"].in_features,
+            linears["h.0.attn.c_attn"].out_features) == (768, 2304)
+    assert linears["lm_head"].tied_to == "wte" and not linears["lm_head"].in_block
+    blind = {m.name: m for m in memory.linear_modules(gpt2_tensors())}
+    assert blind["h.0.mlp.c_fc"].in_features == 3072  # what preflight read before
+
+
+def test_gpt2_estimate_counts_conv1d_targets_and_their_saved_inputs():
+    profile = load_profile("quickstart", ["model.dtype=float32", "lora.r=8"])
+    est = memory.estimate_training_memory(profile, gpt2_tensors(), GPT2, on_gpu=False)
+    # peft's count for gpt2 with r=8 on c_attn, c_proj, c_fc: 8 × (in + out) per module.
+    assert est.adapter_parameters == 12 * 8 * ((768 + 2304) + (768 + 768) + (768 + 3072)
+                                               + (3072 + 768))
+    assert est.parameters == sum(math.prod(s) for _, s in gpt2_tensors().values())
+    # The saved inputs of the targeted modules are at hidden width 768 (c_fc reads the
+    # 768-wide residual), not the 3072 a transposed read gave.
+    transposed = memory.estimate_training_memory(profile, gpt2_tensors(),
+                                                 {k: v for k, v in GPT2.items()
+                                                  if k != "model_type"}, on_gpu=False)
+    assert est.activation_bytes < transposed.activation_bytes
+
+
+def test_a_tied_lm_head_passes_the_header_check():
+    tensors = llama_tensors(LLAMA_3_2_1B)
+    assert "lm_head.weight" not in tensors
+    lora = load_profile("quickstart", ["lora.target_modules=[q_proj, v_proj, lm_head]",
+                                       "lora.modules_to_save=[embed_tokens]"]).lora
+    memory.check_target_modules(lora, tensors, LLAMA_3_2_1B)
+    lora = load_profile("quickstart", ["lora.modules_to_save=[lm_head]"]).lora
+    memory.check_target_modules(lora, tensors, LLAMA_3_2_1B)
+    # Still refused: a name that is no module at all.
+    lora = load_profile("quickstart", ["lora.modules_to_save=[score]"]).lora
+    with pytest.raises(ProfileError, match="lora.modules_to_save: .* name no module"):
+        memory.check_target_modules(lora, tensors, LLAMA_3_2_1B)

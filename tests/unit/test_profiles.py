@@ -73,3 +73,27 @@ def test_validate_cli_prints_the_resolved_profile():
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr
     assert "r: 4" in proc.stdout and "repo_id: loraflow-demo/tiny-llama-instruct-lora" in proc.stdout
+
+
+@pytest.mark.parametrize("repo_id", ["user/my..adapter", "user/--x", "user/a--b", "user/x.git",
+                                     "-user/x", "user/x-", "user/.x", "user/" + "x" * 97,
+                                     "user/a b", "user/a/b", "no-namespace",
+                                     "user/ok-name_1.2", "u/x", "Org.Name/A_b-c.d"])
+@pytest.mark.parametrize("field", ["publish.repo_id", "model.id", "model.base_id"])
+def test_repo_ids_follow_the_hubs_own_rule_on_the_field(field, repo_id):
+    """Refused exactly when huggingface_hub's validate_repo_id refuses it (or it has no
+    namespace), with the field named and a fix."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        hub_accepts = "/" in repo_id
+    except HFValidationError:
+        hub_accepts = False
+    if hub_accepts:
+        load_profile("quickstart", [f"{field}={repo_id}"])
+        return
+    with pytest.raises(ProfileError) as err:
+        load_profile("quickstart", [f"{field}={repo_id}"])
+    assert f"{field}: '{repo_id}'" in str(err.value) and "Fix:" in str(err.value)
