@@ -34,7 +34,8 @@ from tasks import errors, settings
 from tasks.adapters import adapter_weights_path
 from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
                            write_manifest)
-from tasks.dataset import DatasetManifest, resolve_chat_template
+from tasks.chat_data import resolve_chat_template
+from tasks.dataset import DatasetManifest
 from tasks.launch import accumulation_steps, resolve_launcher, run_torchrun, world
 from tasks.download import SnapshotManifest
 from tasks.preflight import PreflightReport

@@ -237,7 +237,8 @@ def test_chat_template_from_a_file_or_a_name_and_keyed_by_content(tokenizers_dir
                                                                   tmp_path):
     from transformers import AutoTokenizer
 
-    from tasks.dataset import dataset_key, resolve_chat_template
+    from tasks.chat_data import resolve_chat_template
+    from tasks.dataset import dataset_key
     from tasks.preflight import DatasetRef
 
     plain = ("{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + eos_token + '\n' }}"

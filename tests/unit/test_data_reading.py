@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from profiles.schema import DataSection
-from tasks.dataset import REQUIRED_COLUMNS, check_columns, diagnose_file, load_rows
+from tasks.data_reading import REQUIRED_COLUMNS, check_columns, diagnose_file, load_rows
 from tasks.errors import DatasetError
 from tasks.preflight import DatasetRef
 
