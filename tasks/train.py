@@ -116,7 +116,10 @@ def _adapter_weights(model) -> dict:
     """The adapter's tensors, named as in adapter_model.safetensors, copied to CPU."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    # save_embedding_layers=False: a targeted lm_head's frozen base weight is not part of
+    # the saved adapter (peft's "auto" would add it, and ask the Hub for the base config).
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def _replicas_agree(model) -> bool:
@@ -574,7 +577,7 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     base = load_base_model(model_section, quant, snapshot.local_dir, labels=dataset.labels)
     # Liger's fused cross-entropy multiplies by the whole lm_head weight, which FSDP holds
     # sharded: FSDP runs without Liger.
-    liger = use_liger(profile) and not sharded
+    liger = use_liger(profile, base.config.model_type) and not sharded
     if liger:
         apply_liger(base)
     continued = snapshot.adapter  # model.id is an adapter repo: train it on, not a fresh one
