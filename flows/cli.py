@@ -3,6 +3,10 @@
 The Hub endpoint and token come from the environment (HF_ENDPOINT, HF_TOKEN), as for
 every Hugging Face tool; they are never arguments. With --json the last line of stdout
 is one JSON object describing the run; progress goes to stderr.
+
+An expected error (a profile, setting, Hub or data problem: loraflow's typed errors) is
+printed once, as one line naming the field, the cause and the fix, with exit code 1 (the
+run failed) or 2 (it never started); `--debug` (or LORAFLOW_DEBUG=1) adds tracebacks.
 """
 from __future__ import annotations
 
@@ -13,7 +17,11 @@ import sys
 from pathlib import Path
 
 from tasks import settings
-from tasks.errors import LoraflowError, ProfileError
+
+# Before anything imports prefect: it reads its settings once, at import.
+settings.prepare_prefect_environment()
+
+from tasks.errors import LoraflowError  # noqa: E402
 
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli_publish",
@@ -28,17 +36,25 @@ def _parser() -> argparse.ArgumentParser:
                                 "profile and publish it on the Hugging Face Hub.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks of expected errors (also LORAFLOW_DEBUG=1)")
+
     def with_overrides(sp):
-        sp.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override a profile field (repeatable)")
+        # One --set takes one or more pairs (--set a.b=1 c.d=2), and it may be repeated.
+        sp.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override profile fields: --set a.b=1 c.d=2 (repeatable)")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of expected errors (also LORAFLOW_DEBUG=1)")
 
     run = sub.add_parser("run", help="run the fine-tuning flow for a profile")
-    run.add_argument("profile", help="a YAML profile path or a preset name (e.g. quickstart)")
+    run.add_argument("profile", nargs="?",
+                     help="a YAML profile path or a preset name (e.g. quickstart)")
     with_overrides(run)
     run.add_argument("--json", action="store_true", help="end stdout with a JSON run report")
 
     val = sub.add_parser("validate", help="check a profile and print it resolved")
-    val.add_argument("profile")
+    val.add_argument("profile", nargs="?")
     with_overrides(val)
 
     demo = sub.add_parser("demo", help="run the quickstart against a local Hub: nothing to set up")
@@ -101,8 +117,15 @@ def _summary(report: dict) -> str:
 
 
 def run_profile(profile_name: str, profile) -> dict:
-    """Run the flow in-process; return the report whether it completed or failed."""
+    """Run the flow in-process; return the report whether it completed or failed.
+
+    Raises:
+        SettingsError: Prefect's temporary API server did not start in time.
+    """
     settings.prepare_client_environment()
+    from flows.prefect_runtime import start_prefect_api
+
+    start_prefect_api()
     from flows.finetune import FlowFailed, finetune
 
     state = finetune(profile, profile_name=profile_name, return_state=True)
@@ -168,10 +191,33 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The `loraflow` command.
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+    Returns:
+        The exit code: 0 done, 1 the run failed, 2 it could not start (bad profile,
+        --set or setting).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "profile") and args.profile is None:
+        # `run --set a.b=1 PROFILE`: the open-ended --set took the profile too; a pair
+        # always has "=", a profile never needs one.
+        overrides = getattr(args, "overrides", [])
+        if overrides and "=" not in overrides[-1]:
+            args.profile = overrides.pop()
+        else:
+            parser.error("the following arguments are required: profile")
+    if getattr(args, "debug", False):
+        os.environ["LORAFLOW_DEBUG"] = "1"
     try:
         return args.handler(args)
-    except ProfileError as exc:
+    except LoraflowError as exc:
+        if settings.debug_enabled():
+            import traceback
+
+            traceback.print_exc()
         if getattr(args, "json", False):
             print(json.dumps(_failure_report(args.profile if hasattr(args, "profile")
                                              else "quickstart", exc)))

@@ -70,7 +70,7 @@ def cmd_runs(args) -> int:
 def register(sub) -> None:
     pub = sub.add_parser("publish", help="publish a finished run's adapter (no training)")
     pub.add_argument("run_dir", help="a run directory (see `loraflow runs`)")
-    pub.add_argument("--set", dest="overrides", action="append", default=[],
+    pub.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                      metavar="publish.KEY=VALUE", help="override the run's publish section")
     pub.add_argument("--json", action="store_true")
     pub.set_defaults(handler=cmd_publish)

@@ -54,7 +54,7 @@ def register(sub) -> None:
     sp.add_argument("--publish", choices=["all", "best", "none"], default="best")
     sp.add_argument("--max-concurrent", type=int, default=None,
                     help="trainings at once (default: one per visible GPU, 1 on CPU)")
-    sp.add_argument("--set", dest="overrides", action="append", default=[],
+    sp.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                     metavar="SECTION.KEY=VALUE")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(handler=cmd_sweep)

@@ -18,19 +18,22 @@ from prefect.runtime import flow_run
 
 from flows.approval import hold_for_approval
 from flows.artifacts import publish_run_artifacts
+from flows.prefect_runtime import install_log_filter
 from flows.ui import emit_published, failure_artifact
 from profiles.schema import Profile
 from tasks import settings
 from tasks.caching import cache_options
 from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
 from tasks.download import download_is_cached_and_intact, download_key, download_snapshot
-from tasks.errors import LoraflowError
+from tasks.errors import LoraflowError, is_transient, unreachable_hub_error
 from tasks.local_check import check_local_adapter, local_check_key
 from tasks.merge import publish_merged
 from tasks.preflight import preflight
 from tasks.publish import publish_adapter
 from tasks.train import train_adapter, train_is_cached_and_intact, train_key
 from tasks.verify import verify_key, verify_publication
+
+install_log_filter()
 
 STEPS = ("preflight", "download", "dataset", "train", "publish", "verify")
 
@@ -97,22 +100,23 @@ def train_steps(profile: Profile, step: StepRecorder, report: dict):
     """
     from prefect.concurrency.sync import concurrency
 
+    # The environment first (LORAFLOW_HOME writable, LORAFLOW_RESULT_STORAGE usable):
+    # a bad setting is named before the Hub is asked anything or a byte is downloaded.
+    settings.check_home_writable()
+    download_task = cached(download_snapshot, download_key, download_is_cached_and_intact)
+    dataset_task = cached(prepare_dataset, dataset_key, dataset_is_cached_and_intact)
+    train_task = cached(train_adapter, train_key, train_is_cached_and_intact)
     pre = step("preflight", preflight, profile=profile)
     report["base_model"] = {"repo_id": pre.base_model.repo_id, "commit": pre.base_model.commit}
     if pre.adapter is not None:  # model.id is an adapter repo: training continues it
         report["continued_from"] = {"repo_id": pre.adapter.repo_id, "commit": pre.adapter.commit}
-    snapshot = step("download", cached(download_snapshot, download_key,
-                                       download_is_cached_and_intact),
-                    model=pre.base_model, adapter=pre.adapter)
+    snapshot = step("download", download_task, model=pre.base_model, adapter=pre.adapter)
     seed = profile.training.seed
-    data = step("dataset", cached(prepare_dataset, dataset_key,
-                                 dataset_is_cached_and_intact),
-        data=profile.data, source=pre.dataset, snapshot=snapshot, seed=seed)
+    data = step("dataset", dataset_task, data=profile.data, source=pre.dataset,
+                snapshot=snapshot, seed=seed)
     with concurrency(TRAINING_LIMIT, occupy=1):
-        trained = step("train", cached(train_adapter, train_key,
-                                       train_is_cached_and_intact),
-                       profile=profile, preflight=pre, snapshot=snapshot, dataset=data,
-                       flow_run_id=str(flow_run.id))
+        trained = step("train", train_task, profile=profile, preflight=pre, snapshot=snapshot,
+                       dataset=data, flow_run_id=str(flow_run.id))
     report["adapter"] = {"path": trained.adapter_dir, "sha256": trained.adapter_sha256,
                          "trainable_params": trained.trainable_params,
                          "total_params": trained.total_params}
@@ -122,10 +126,32 @@ def train_steps(profile: Profile, step: StepRecorder, report: dict):
 
 def fail(report: dict, exc: BaseException) -> FlowFailed:
     """Mark the report failed with the (typed) error; the exception to raise."""
+    if not isinstance(exc, LoraflowError) and is_transient(exc):
+        # A transport error that outlived the step's retries: say which Hub and the fix.
+        exc = unreachable_hub_error(exc, settings.hub_endpoint())
     report["status"] = "failed"
     report["error"] = (exc.to_dict() if isinstance(exc, LoraflowError)
                        else {"type": type(exc).__name__, "message": str(exc)})
     return FlowFailed(exc, report)
+
+
+def failed_state(failed: FlowFailed):
+    """The flow's end state for an expected (typed) error: a Failed state whose message
+    is the one-line error, returned rather than raised so that Prefect logs no
+    traceback for it ("Encountered exception during execution"). Its data is the
+    FlowFailed, so `state.result(raise_on_failure=False)` still returns the report and a
+    parent flow calling this one still gets the exception raised.
+
+    Args:
+        failed: what `fail` returned.
+    Returns:
+        A Prefect Failed state.
+    """
+    from prefect.states import Failed
+
+    error = failed.error
+    return Failed(message=f"{type(error).__name__}: {getattr(error, 'message', error)}",
+                  data=failed)
 
 
 @flow(name="loraflow-finetune", log_prints=True)
@@ -136,8 +162,12 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
         profile: the validated profile (model, quantization, lora, data, training, publish).
         profile_name: a label for reports (the preset or file name).
     Raises:
-        FlowFailed: wrapping the typed step error, with the partial report.
+        FlowFailed: wrapping an unexpected step error, with the partial report. A typed
+            error (and a transport error, turned into one) ends the run in a Failed state
+            carrying the FlowFailed instead (`failed_state`); with LORAFLOW_DEBUG it is
+            raised too.
     """
+    install_log_filter()
     report = _empty_report(profile, profile_name)
     step = StepRecorder(report, _print_progress)
     try:
@@ -161,6 +191,8 @@ def finetune(profile: Profile, profile_name: str = "custom") -> dict:
     except BaseException as exc:
         failed = fail(report, exc)
         failure_artifact(report)
+        if isinstance(failed.error, LoraflowError) and not settings.debug_enabled():
+            return failed_state(failed)
         raise failed from exc
     report["status"] = "completed"
     return report

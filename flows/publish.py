@@ -81,7 +81,7 @@ def publish_run(run_dir: str, publish: Optional[PublishSection] = None) -> dict:
     train = load_run(run_dir)
     section = publish or publish_section_for(run_dir)
     result = publish_adapter(train, section)
-    # Automations notify on this event: once per new version, not per approval.
+    # Automations notify on this event: once per landed commit, not per approval.
     emit_published(result.model_dump(), train.adapter_sha256)
     return {"run_dir": train.run_dir, "adapter_sha256": train.adapter_sha256,
             **result.model_dump()}

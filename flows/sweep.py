@@ -22,10 +22,11 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from flows.finetune import (StepRecorder, TRAINING_LIMIT, _empty_report, _print_progress,
-                            fail, train_steps)
+                            fail, failed_state, train_steps)
 from profiles.loader import apply_override
 from profiles.schema import Profile, PublishSection
-from tasks.errors import ProfileError
+from tasks import settings
+from tasks.errors import LoraflowError, ProfileError
 from tasks.launch import visible_gpus
 
 
@@ -37,7 +38,10 @@ def train_variant(profile: Profile, variant: str) -> dict:
     try:
         train_steps(profile, step, report)
     except BaseException as exc:
-        raise fail(report, exc) from exc
+        failed = fail(report, exc)
+        if isinstance(failed.error, LoraflowError) and not settings.debug_enabled():
+            return failed_state(failed)  # one line, no traceback (flows/finetune.py)
+        raise failed from exc
     report["status"] = "completed"
     return report
 

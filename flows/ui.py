@@ -1,6 +1,7 @@
 """What a run shows in the Prefect UI and tells automations, beyond flows/artifacts.py:
 the typed error of a failed run, the "awaiting approval" note of a run that stops
-before publishing, and the `loraflow.adapter.published` event of a new version.
+before publishing, and the `loraflow.adapter.published` event of a landed commit (once
+per commit, whichever run lands or heals it).
 
 Never the token: these carry ids, shas, paths and the typed errors' messages, which
 name causes and fixes, not credentials.
@@ -8,6 +9,7 @@ name causes and fixes, not credentials.
 from __future__ import annotations
 
 from typing import Optional
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 from flows.artifacts import artifact_key
 
@@ -61,18 +63,66 @@ or, on the machine that trained it: `{approval['command']}`.
 """, description="trained, not yet published")
 
 
+def published_event_id(hub: dict) -> UUID:
+    """The `loraflow.adapter.published` event's id for one landed commit: a UUID5 of the
+    repo's URL and the commit sha, the same in every process that sees that commit.
+
+    Prefect's event store keeps one event per id (prefect/server/events/storage/
+    database.py inserts with ON CONFLICT DO NOTHING on SQLite and Postgres alike), so an
+    id derived from the commit makes the event belong to the commit, not to the process.
+
+    Args:
+        hub: the publication (repo_id, commit, url).
+    Returns:
+        The event id.
+    """
+    return uuid5(NAMESPACE_URL, f"{hub['url']}@{hub['commit']}")
+
+
+def _already_announced(event_id: UUID) -> bool:
+    """Whether the API already holds the event. Automations react to each event they
+    receive and do not look at ids, so a publication that is re-confirmed by a later run
+    (cached, or healing a run that died) is not sent again once it is stored. Best
+    effort: when the API cannot say, the event is sent and the store's id dedupes it."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.events.filters import EventFilter, EventIDFilter
+
+        with get_client(sync_client=True) as client:
+            page = client.read_events(EventFilter(id=EventIDFilter(id=[event_id])), limit=1)
+        return bool(page.events)
+    except Exception:  # noqa: BLE001 — an older server, no API: fall back to the store
+        return False
+
+
 def emit_published(hub: Optional[dict], adapter_sha256: Optional[str],
-                   profile_name: Optional[str] = None) -> None:
-    """Emit `loraflow.adapter.published` for a publication that landed a new commit — by
-    the finetune flow or by an approved publish — and for nothing else, so a version is
-    announced once however often it is published."""
+                   profile_name: Optional[str] = None) -> Optional[UUID]:
+    """Emit `loraflow.adapter.published` once per landed commit.
+
+    The publication a run reports is the repo's commit for this adapter, whether this
+    process made it (`new_commit`) or found it there — landed by a concurrent run, or by
+    a run that died after its commit and before its event (this run heals it). So the
+    event is emitted in both cases, with an id derived from the commit
+    (`published_event_id`), and skipped when the API already holds that id.
+
+    Args:
+        hub: the publication (repo_id, commit, tag, url, new_commit); None: nothing.
+        adapter_sha256: the adapter's weights hash, for the payload.
+        profile_name: the profile's label, for the payload.
+    Returns:
+        The event's id, or None when there is no publication.
+    """
     from prefect.events import emit_event
 
-    if not hub or not hub.get("new_commit"):
-        return
-    emit_event(event=PUBLISHED_EVENT,
+    if not hub or not hub.get("commit"):
+        return None
+    event_id = published_event_id(hub)
+    if _already_announced(event_id):
+        return event_id
+    emit_event(event=PUBLISHED_EVENT, id=event_id,
                resource={"prefect.resource.id": f"loraflow.adapter.{hub['repo_id']}",
                          "prefect.resource.name": hub["repo_id"]},
                payload={"repo_id": hub["repo_id"], "commit": hub["commit"], "tag": hub["tag"],
                         "url": f"{hub['url']}/commit/{hub['commit']}",
                         "adapter_sha256": adapter_sha256, "profile": profile_name})
+    return event_id

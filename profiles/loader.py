@@ -41,8 +41,26 @@ def apply_override(data: dict, assignment: str) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ProfileError(f"--set '{assignment}': '{key}' is not a section.")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            raise ProfileError(f"--set '{assignment}': '{key}' is a value, not a section "
+                               "with fields. Fix: name a field of a section, e.g. --set "
+                               "lora.r=4 (`loraflow validate PROFILE` prints them).")
+    node[keys[-1]] = _parse_value(assignment, raw)
+
+
+def _parse_value(assignment: str, raw: str):
+    """The YAML value of one `--set` pair, or a ProfileError naming the pair."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at column {mark.column + 1}" if mark is not None else ""
+        raise ProfileError(
+            f"--set '{assignment}': the value {raw!r} is not valid YAML ({problem}{where}). "
+            f"Fix: quote it to pass it as text, e.g. --set \"{assignment.split('=', 1)[0]}="
+            f"'{raw}'\", or correct the YAML (lists as [a, b], maps as {{k: v}}).") from None
 
 
 def describe_validation_error(err: ValidationError, section: str | None = None) -> str:
@@ -68,7 +86,7 @@ def describe_validation_error(err: ValidationError, section: str | None = None) 
             message = str(e["ctx"]["error"])
             # A field's own validator (e.g. the repo-id type) does not know its field's
             # name; a model validator's message starts with the fields it names.
-            lines.append(message if not loc or message.startswith(f"{loc}:")
+            lines.append(message if not loc or message.startswith((f"{loc}:", f"{loc}."))
                          else f"{loc}: {message}")
             continue
         hint = _field_description(path)
@@ -98,16 +116,51 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None) -> Profi
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {path}: not valid YAML ({exc}). Fix the syntax.") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ProfileError(f"profile {path}: not valid YAML ({problem}{where}). Fix the "
+                           "syntax there (indentation, a missing ':' or closing bracket); "
+                           "`loraflow validate` checks it without running.") from None
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path}: expected a mapping of sections "
-                           "(model, quantization, lora, data, training, publish).")
+                           "(model, quantization, lora, data, training, publish), got a "
+                           f"{type(data).__name__}. Fix: write each section as a key at the "
+                           "top level, e.g. `lora:` then its fields indented below it.")
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:
-        return Profile.model_validate(data)
+        profile = Profile.model_validate(data)
     except ValidationError as err:
         raise ProfileError(describe_validation_error(err)) from None
+    booleans = _booleans_taken_as_numbers(data, profile)
+    if booleans:
+        raise ProfileError("invalid profile:\n  " + "\n  ".join(
+            f"{loc}: {str(value).lower()} is a boolean where a number is expected (YAML reads "
+            f"true/false/yes/no/on/off as booleans). Fix: set {loc} to a number"
+            + (f" — {hint}" if (hint := _field_description(tuple(loc.split(".")))) else ".")
+            for loc, value in booleans))
+    return profile
+
+
+def _booleans_taken_as_numbers(data: dict, model, prefix: str = "") -> list[tuple[str, bool]]:
+    """The fields given a YAML boolean that validated into a number.
+
+    pydantic's lax mode turns True into 1 for int and float fields (`lora.r: true` would
+    train with r=1). The schema stays lax on purpose elsewhere (e.g. "1e-4" for a float),
+    so instead of strict mode the input is compared with what it became: a bool in,
+    a non-bool number out, is refused.
+    """
+    found = []
+    for key, value in data.items():
+        attr = getattr(model, key, None) if isinstance(key, str) else None
+        loc = f"{prefix}{key}"
+        if isinstance(value, bool) and isinstance(attr, (int, float)) \
+                and not isinstance(attr, bool):
+            found.append((loc, value))
+        elif isinstance(value, dict) and hasattr(attr, "model_fields"):
+            found += _booleans_taken_as_numbers(value, attr, f"{loc}.")
+    return found
 
 
 def profile_name(name_or_path: str) -> str:

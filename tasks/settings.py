@@ -18,6 +18,38 @@ def loraflow_home() -> Path:
     return home.expanduser().resolve()
 
 
+def check_home_writable() -> Path:
+    """LORAFLOW_HOME, created if missing and proven writable by writing a file in it.
+
+    Called when a run starts, before any download: a read-only or unwritable home would
+    otherwise surface as a foreign OSError deep inside a step. A real write is tried
+    because permission bits say nothing for root or on read-only mounts.
+
+    Returns:
+        The resolved home directory.
+    Raises:
+        SettingsError: naming LORAFLOW_HOME, the path, the cause and the fix.
+    """
+    import tempfile
+
+    from tasks.errors import SettingsError
+
+    home = loraflow_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=home, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        variable = "LORAFLOW_HOME" if os.environ.get("LORAFLOW_HOME") else \
+            "LORAFLOW_HOME (unset, so its default)"
+        raise SettingsError(
+            f"{variable}={home}: loraflow cannot write there ({type(exc).__name__}: "
+            f"{exc.strerror or exc}). Fix: set LORAFLOW_HOME to a directory you can write "
+            "(it holds downloads, datasets, runs and cache records), or make this one "
+            "writable.", variable="LORAFLOW_HOME") from None
+    return home
+
+
 def hub_endpoint() -> str:
     """The Hub URL the clients talk to (HF_ENDPOINT), without a trailing slash."""
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
@@ -43,6 +75,49 @@ def prepare_client_environment() -> None:
     # Telemetry calls would only time out on machines without internet.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+# Prefect's own default is 20 s; a first run on a fresh PREFECT_HOME took 19 s to start
+# its temporary server on a 2-core machine at load 2, and longer under more load.
+PREFECT_STARTUP_TIMEOUT_S = "120"
+
+
+def prepare_prefect_environment() -> None:
+    """Prefect settings loraflow needs, unless the user set them; call before `import
+    prefect`, which reads its settings once, at import (prefect/context.py's root
+    settings context).
+
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: how long the CLI waits for Prefect's
+    temporary API server (ephemeral mode, no PREFECT_API_URL) to answer. Set in the
+    environment or in the active Prefect profile, the user's value wins: an environment
+    variable would override the profile, so the profile is read first.
+    """
+    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    if name not in os.environ and name not in _active_prefect_profile():
+        os.environ[name] = PREFECT_STARTUP_TIMEOUT_S
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _active_prefect_profile() -> dict:
+    """The settings of the active Prefect profile (PREFECT_PROFILES_PATH, default
+    PREFECT_HOME/profiles.toml; PREFECT_PROFILE or the file's `active`), read without
+    importing prefect, which would load its settings before they are prepared."""
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    profile = (data.get("profiles") or {}).get(active)
+    return profile if isinstance(profile, dict) else {}
+
+
+def debug_enabled() -> bool:
+    """LORAFLOW_DEBUG=1 (or `loraflow --debug`): show tracebacks of expected errors."""
+    return os.environ.get("LORAFLOW_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def result_storage():
@@ -74,5 +149,5 @@ def lock_lease_seconds() -> float:
         value = -1.0
     if value <= 0:
         raise ValueError(f"LORAFLOW_LOCK_LEASE_S={raw!r}: expected a positive number of "
-                         "seconds, e.g. 120.")
+                         "seconds. Fix: set it to e.g. 120, or unset it for the default.")
     return value
