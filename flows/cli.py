@@ -110,9 +110,11 @@ def _summary(report: dict) -> str:
             f"{report['base_model']['commit'][:12]}: loss {m['first_loss']:.3f} → "
             f"{m['last_loss']:.3f} (eval {eval_loss}), {adapter['trainable_params']:,} trainable "
             f"parameters.\n{data_summary(record['dataset'])}\nSteps: {steps}\n"
-            f"Published: {hub['url']} @ {hub['commit'][:12]} "
-            f"(tag {hub['tag']})\nLoad it:\n"
-            f"  base = {auto}.from_pretrained('{report['base_model']['repo_id']}'{head_args})\n"
+            f"{'Published' if hub.get('new_commit') else 'Already published (no new commit)'}"
+            f": {hub['url']} @ {hub['commit'][:12]} (tag {hub['tag']})\n"
+            f"Load it (the model card has the full snippet):\n"
+            f"  base = {auto}.from_pretrained('{report['base_model']['repo_id']}', "
+            f"revision='{report['base_model']['commit']}'{head_args})\n"
             f"  model = PeftModel.from_pretrained(base, '{hub['repo_id']}', revision='{hub['tag']}')")
 
 

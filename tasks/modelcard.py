@@ -58,6 +58,14 @@ def _section_rows(section: dict, prefix: str) -> list[tuple[str, object]]:
     return [(f"`{prefix}.{k}`", v) for k, v in section.items()]
 
 
+def _quantization_rows(section: dict) -> list[tuple[str, object]]:
+    """The quantization settings, or only `mode none` when the base was not quantized
+    (the other fields then changed nothing)."""
+    if section.get("mode") == "none":
+        return [("`quantization.mode`", "none")]
+    return _section_rows(section, "quantization")
+
+
 def _fmt(value, digits: int = 4):
     return "n/a" if value is None else round(value, digits)
 
@@ -66,6 +74,18 @@ def dataset_name(data: dict) -> str:
     """The dataset as a card names it: a Hub id, or a local file's name (never its path
     on the training machine)."""
     return data["id"] if data["source"] == "hub" else Path(data["id"]).name
+
+
+def public_data_section(profile_data: dict, data: dict) -> dict:
+    """The profile's data section as published: local files (the dataset, a Jinja
+    `data.chat_template`) by their names, never their paths on the training machine,
+    which often hold a user's name. Their content is pinned by sha256 elsewhere (the
+    dataset's in the record, the template's in the tokenizer published with the adapter)."""
+    public = {**profile_data, "dataset": dataset_name(data)}
+    template = public.get("chat_template")
+    if template and ("/" in template or "\\" in template):
+        public["chat_template"] = Path(template).name
+    return public
 
 
 def card_metadata(record: dict, repo_id: str, relation: str = "adapter",
@@ -151,6 +171,18 @@ def loading_snippet(record: dict, repo_id: str) -> str:
     return "\n".join(lines)
 
 
+def _pipeline_line(record: dict, repo_id: str) -> str:
+    """How to use the adapter through transformers' `pipeline`, where the task has one
+    (transformers 5 has no text2text pipeline for seq2seq)."""
+    task = record["profile"]["model"].get("task", "causal-lm")
+    if task == "seq2seq-lm":
+        return ""
+    return (" A `pipeline` given only the adapter repo loads the *base's* tokenizer; pass "
+            "this repo's too, which carries training's pad token and chat template:\n"
+            f'`pipeline("{task_type(task).pipeline_tag}", model="{repo_id}", '
+            f'tokenizer="{repo_id}")`.')
+
+
 def data_counts(data: dict) -> list[str]:
     """The dataset step's counts as phrases — rows read, dropped and why, truncated —
     from a record's "dataset" entry (what it does not say is left out)."""
@@ -199,8 +231,7 @@ def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None
     profile, base, data = record["profile"], record["base_model"], record["dataset"]
     metrics, adapter = record["metrics"], record["adapter"]
     auto, head_args = base_loader(record)
-    # A local file by its name: its path on the training machine is nobody's business.
-    data_section = {**profile["data"], "dataset": dataset_name(data)}
+    data_section = public_data_section(profile["data"], data)
     counts = ("; " + ", ".join(data_counts(data))) if data_counts(data) else ""
     data_pin = (f"`{data['id']}` at commit `{data['commit']}` (revision `{data['revision']}`)"
                 if data["source"] == "hub" else f"local file `{dataset_name(data)}`, "
@@ -230,7 +261,7 @@ published by loraflow. Everything needed to reproduce the run is on this page an
 ```
 
 With peft installed, `{auto}.from_pretrained("{repo_id}"{head_args})` loads the base
-and the adapter in one call.
+and the adapter in one call.{_pipeline_line(record, repo_id)}
 
 ## Inputs
 
@@ -242,7 +273,7 @@ and the adapter in one call.
 {_notes(record)}
 ## LoRA and quantization
 
-{_table(_section_rows(profile['lora'], 'lora') + _section_rows(profile['quantization'], 'quantization'))}
+{_table(_section_rows(profile['lora'], 'lora') + _quantization_rows(profile['quantization']))}
 
 ## Model loading
 
@@ -278,8 +309,13 @@ def lineage_manifest(record: dict, publish: Optional[dict] = None) -> dict:
     """loraflow.json: the profile (no secrets) with the publish section it was published
     with, input hashes, adapter sha256, run ids."""
     lineage = {"loraflow_lineage": 1, **{k: record.get(k) for k in LINEAGE_KEYS}}
+    data = record["dataset"]
+    lineage["profile"] = {**record["profile"],
+                          "data": public_data_section(record["profile"]["data"], data)}
+    if data["source"] != "hub":
+        lineage["dataset"] = {**data, "id": dataset_name(data)}
     if publish is not None:
-        lineage["profile"] = {**record["profile"], "publish": publish}
+        lineage["profile"]["publish"] = publish
     return lineage
 
 

@@ -302,7 +302,7 @@ def test_seq_classification_on_a_padless_base_works_batched_from_the_card(
     would alone. A local dataset is named in the card by its file name only; the run's
     summary and the card say how many rows were read."""
     import torch
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, hf_hub_download
     from transformers import AutoTokenizer
 
     from localhub import seed_models
@@ -324,6 +324,7 @@ def test_seq_classification_on_a_padless_base_works_batched_from_the_card(
     with as_user("demo"):
         tokenizer = AutoTokenizer.from_pretrained(repo)
         card = ModelCard.load(repo, token=hub.token("demo"))
+        lineage = Path(hf_hub_download(repo, "loraflow.json")).read_text()
         scope: dict = {}
         exec(_card_snippet(card.text), scope)
     assert tokenizer.pad_token == tokenizer.eos_token  # what training padded with
@@ -335,4 +336,5 @@ def test_seq_classification_on_a_padless_base_works_batched_from_the_card(
                            for t in texts])
     assert torch.allclose(batch, alone, atol=1e-5), (batch, alone)
     assert str(tmp_path) not in card.text and "96 rows read" in card.text
+    assert str(tmp_path) not in lineage and "colors.jsonl" in lineage  # by name, not path
     assert card.data.eval_results[0].dataset_name == "colors.jsonl"
