@@ -45,12 +45,10 @@ from tasks.chat_data import (TemplateFailure, chat_example, chat_messages,
 from tasks.data_reading import REQUIRED_COLUMNS, check_columns, load_rows
 from tasks.download import SnapshotManifest
 from tasks.preflight import DatasetRef
+from tasks.prompt_formats import alpaca_prompt
 from tasks.retry import TRANSIENT_RETRIES
 from tasks.task_types import IGNORE_INDEX
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response "
-                 "that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-                 "{input_block}### Response:\n")
 CAUSAL_FORMATS = ("alpaca", "chat", "prompt-completion", "text")
 # Per-row bookkeeping columns of the tokenize map, counted and removed before saving.
 _DROP, _TRUNCATED = "_loraflow_drop", "_loraflow_truncated"
@@ -128,11 +126,7 @@ def format_example(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
     completion is what the loss sees (chat rows go through chat_example instead)."""
     if fmt == "alpaca":
         inp = (row.get("input") or "").strip()
-        prompt = ALPACA_PROMPT.format(
-            with_input=", paired with an input that provides further context" if inp else "",
-            instruction=row["instruction"].strip(),
-            input_block=f"### Input:\n{inp}\n\n" if inp else "")
-        return prompt, row["output"].strip()
+        return alpaca_prompt(row["instruction"].strip(), inp), row["output"].strip()
     if fmt == "prompt-completion":
         return row["prompt"], row["completion"]
     return "", row["text"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from tasks.plot import loss_curve_png
+from tasks.prompt_formats import example_prompts, prompt_guide
 from tasks.task_types import head_kwargs, task_type
 
 CARD, LINEAGE, LOSS_CURVE = "README.md", "loraflow.json", "loss_curve.png"
@@ -158,9 +159,14 @@ def loading_snippet(record: dict, repo_id: str) -> str:
         "",
     ]
     if task == "causal-lm":
+        # Prompts in the layout training saw; the layout already holds any special tokens.
         lines.append('tokenizer.padding_side = "left"  # generate continues each row at its end')
-    lines.append('batch = tokenizer(["a first example", "a second example, a little longer"], '
-                 'padding=True, return_tensors="pt")')
+        lines.append(f"prompts = {example_prompts(record['profile']['data'])}")
+        lines.append('batch = tokenizer(prompts, padding=True, return_tensors="pt", '
+                     f'add_special_tokens={record["profile"]["data"].get("format") != "chat"})')
+    else:
+        lines.append('batch = tokenizer(["a first example", "a second example, a little '
+                     'longer"], padding=True, return_tensors="pt")')
     if task in GENERATES:
         lines.append("output = model.generate(**batch, max_new_tokens=8, "
                      "pad_token_id=tokenizer.pad_token_id)")
@@ -169,6 +175,14 @@ def loading_snippet(record: dict, repo_id: str) -> str:
         lines.append("logits = model(**batch).logits")
         lines.append("print(logits.argmax(-1))")
     return "\n".join(lines)
+
+
+def _prompt_section(record: dict) -> str:
+    """The card's "How to prompt it" section (causal-lm adapters), or nothing."""
+    if record["profile"]["model"].get("task", "causal-lm") != "causal-lm":
+        return ""
+    guide = prompt_guide(record["profile"]["data"])
+    return f"## How to prompt it\n\n{guide}\n" if guide else ""
 
 
 def _pipeline_line(record: dict, repo_id: str) -> str:
@@ -263,7 +277,7 @@ published by loraflow. Everything needed to reproduce the run is on this page an
 With peft installed, `{auto}.from_pretrained("{repo_id}"{head_args})` loads the base
 and the adapter in one call.{_pipeline_line(record, repo_id)}
 
-## Inputs
+{_prompt_section(record)}## Inputs
 
 - Base model: `{base['repo_id']}` at commit `{base['commit']}`{_continued(record)}
 - Dataset: {data_pin}, format `{profile['data']['format']}`,

@@ -264,11 +264,6 @@ def test_resumed_train_loss_is_the_mean_over_every_step(hub, as_user, tmp_path):
                                                           rel=1e-4)
 
 
-def _card_snippet(card_text: str) -> str:
-    """The card's loading snippet: its first python code block."""
-    return re.search(r"```python\n(.+?)```", card_text, re.S).group(1)
-
-
 @pytest.fixture(scope="module")
 def padless_base(hub, tmp_path_factory) -> str:
     """A tiny Llama whose tokenizer and config define no pad token (as Llama-3 and
