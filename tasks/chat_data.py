@@ -43,7 +43,8 @@ def chat_template_file(data: DataSection) -> Optional[Path]:
         return path.resolve()
     if looks_like_file:
         raise errors.DatasetError(
-            f"data.chat_template: no file {value} (resolved from {Path.cwd()}). Fix: give "
+            f"data.chat_template: no file {value}"
+            f"{'' if path.is_absolute() else f' (relative to {Path.cwd()})'}. Fix: give "
             "the path of a Jinja chat template file, a name of one of the tokenizer's "
             "templates, or null for the tokenizer's own.", field="data.chat_template")
     return None
