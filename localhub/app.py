@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 from urllib.parse import unquote
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -51,13 +51,29 @@ def _faults_endpoint(injector: FaultInjector) -> Handler:
             return JSONResponse({"faults": injector.snapshot()})
         body = await ctx.json_body()
         try:
+            if body.get("kind") == "hook":
+                raise ValueError("'hook' faults are in-process only (LocalHub.inject_fault)")
+            retry_after = body.get("retry_after")
             fault = Fault(method=str(body.get("method", "*")).upper(), path_regex=str(body["path_regex"]),
-                          status=int(body.get("status", 500)), times=int(body.get("times", 1)))
+                          status=int(body.get("status", 500)), times=int(body.get("times", 1)),
+                          kind=str(body.get("kind", "status")), after_bytes=int(body.get("after_bytes", 0)),
+                          retry_after=None if retry_after is None else int(retry_after),
+                          delay_s=float(body.get("delay_s", 0.0)),
+                          ranged=None if body.get("ranged") is None else bool(body["ranged"]))
             injector.add(fault)
-        except (KeyError, ValueError, re.error) as e:
+        except (KeyError, ValueError, TypeError, re.error) as e:
             raise HubError(400, f"Invalid fault: {e}") from e
         return JSONResponse({"faults": injector.snapshot()})
     return faults
+
+
+def _fault_stats_endpoint(injector: FaultInjector) -> Handler:
+    async def fault_stats(ctx: Ctx) -> Response:
+        """GET: faults fired and body bytes per request line since the last DELETE; DELETE: reset."""
+        if ctx.request.method == "DELETE":
+            injector.reset_stats()
+        return JSONResponse(injector.stats())
+    return fault_stats
 
 
 def _routes(injector: FaultInjector) -> list[tuple]:
@@ -66,6 +82,7 @@ def _routes(injector: FaultInjector) -> list[tuple]:
     return [
         _route("GET", r"^/_localhub/health$", _health, auth=False),
         _route("GET POST DELETE", r"^/_localhub/faults$", _faults_endpoint(injector), auth=False),
+        _route("GET DELETE", r"^/_localhub/fault-stats$", _fault_stats_endpoint(injector), auth=False),
         _route("GET", r"^/api/whoami-v2$", r.whoami),
         _route("POST", r"^/api/repos/create$", w.create_repo),
         _route("DELETE", r"^/api/repos/delete$", w.delete_repo),
@@ -157,6 +174,9 @@ def build_app(root: str | Path) -> RequestLog:
                 response = await handler(ctx, **_handler_kwargs(m.groupdict()))
             except HubError as e:
                 response = error_response(e)
+            except ClientDisconnect:  # the client went away mid-request (e.g. a cut upload): not a bug
+                logger.info("localhub: client disconnected during %s %s", method, raw_path)
+                response = error_response(HubError(400, "Client disconnected before the request was complete"))
             except Exception as e:  # a bug: say so, with the class name, rather than hang up
                 logger.exception("localhub: unhandled error on %s %s", method, raw_path)
                 response = error_response(HubError(500, f"Internal error: {type(e).__name__}: {e}"))

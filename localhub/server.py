@@ -119,13 +119,32 @@ class LocalHub:
             return []
         return [d for d in (parse_log_line(line) for line in lines) if d is not None]
 
-    def inject_fault(self, path_regex: str, status: int = 500, times: int = 1, method: str = "*") -> None:
-        """Make the next `times` requests whose decoded path matches `path_regex` fail with `status`."""
-        self.app.injector.add(Fault(method=method.upper(), path_regex=path_regex, status=status, times=times))
+    def inject_fault(self, path_regex: str, status: int = 500, times: int = 1, method: str = "*",
+                     **kind) -> None:
+        """Make the next `times` requests whose decoded path matches `path_regex` fail.
+
+        Args:
+            path_regex: searched in the decoded request path.
+            status: the status answered (kinds "status" and "after").
+            times: how many matching requests.
+            method: HTTP method or "*".
+            **kind: kind= ("status", "after", "reset", "cut", "slow", "hook") and its
+                parameters (after_bytes, retry_after, delay_s, hook): see localhub.middleware.
+        """
+        self.app.injector.add(Fault(method=method.upper(), path_regex=path_regex, status=status,
+                                    times=times, **kind))
 
     def clear_faults(self) -> None:
         """Disarm every pending fault."""
         self.app.injector.clear()
+
+    def fault_stats(self) -> dict:
+        """Faults fired and body bytes sent/received per `METHOD PATH` (FaultInjector.stats)."""
+        return self.app.injector.stats()
+
+    def reset_fault_stats(self) -> None:
+        """Zero the counters of fault_stats."""
+        self.app.injector.reset_stats()
 
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -9,10 +9,17 @@ files that completed and fetches the rest (huggingface_hub 2.x downloads each fi
 a process-unique temporary file, so a killed process leaves only orphan temporaries,
 removed here); a file whose bytes changed on disk since it was listed is removed and
 fetched again, and so is one that does not match the Hub's hash after the download.
+
+A full disk is not retried (waiting does not free space): the download stops with a
+DiskFullError naming the directory, the temporaries of the interrupted files are
+removed (they hold the space and would never be finished), no manifest is written
+(nothing looks complete) and the files that did complete stay for the next run.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +35,14 @@ from tasks.retry import TRANSIENT_RETRIES
 
 FILES = "files"
 HF_LOCAL_META = ".cache"  # huggingface_hub's local_dir bookkeeping (metadata, temp files)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(errors.LoraflowError):
+    """The disk under LORAFLOW_HOME filled up during a download. Not transient: a retry
+    at once would fail the same way; the user frees space and runs again."""
 
 
 class SnapshotManifest(BaseModel):
@@ -138,6 +153,52 @@ def _result(target: Path, manifest: dict, model) -> SnapshotManifest:
                             local_dir=str(target / FILES), files=files)
 
 
+def _no_space(exc: BaseException) -> Optional[OSError]:
+    """The ENOSPC/EDQUOT OSError in `exc`'s chain (huggingface_hub may wrap it), else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _disk_full(files_dir: Path, model, cause: OSError) -> DiskFullError:
+    """Free what the interrupted files held and say where the space ran out."""
+    _drop_orphan_temporaries(files_dir)
+    try:
+        free = f"{shutil.disk_usage(files_dir).free / 2**20:.1f} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"download: no space left on the disk holding {files_dir} while downloading "
+        f"{model.repo_id}@{model.commit} ({cause.strerror}; {free}). Fix: free space on that "
+        "disk, or set LORAFLOW_HOME to a directory on a larger disk, then run again: the "
+        "files that completed are kept and only the rest is downloaded.",
+        directory=str(files_dir))
+
+
+def _hub_error(exc: BaseException, model) -> errors.LoraflowError:
+    """translate_hub_error's error, except that an answer worth retrying (408, 429, 5xx)
+    says which request failed and the fix: it is the run's last line once the step's
+    retries are spent."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if not (status in (408, 429) or (isinstance(status, int) and status >= 500)):
+        return errors.translate_hub_error(exc, repo_id=model.repo_id, revision=model.commit,
+                                          endpoint=settings.hub_endpoint())
+    try:
+        what = f"{status} to {response.request.method} {response.request.url.path}"
+    except (AttributeError, RuntimeError):  # a response built without its request
+        what = str(status)
+    return errors.TransientHubError(
+        f"download: the Hub at {settings.hub_endpoint()} answered {what} while downloading "
+        f"{model.repo_id}@{model.commit}. Fix: run the same command again once the Hub "
+        "answers: the files that completed are kept and only the rest is downloaded.",
+        repo_id=model.repo_id)
+
+
 def run_download(model: ModelRef, adapter: Optional[AdapterRef] = None) -> SnapshotManifest:
     """snapshot_download pinned to the commit, into LORAFLOW_HOME/downloads/<key>/files;
     with `adapter`, that adapter repo's files too (manifest.adapter)."""
@@ -190,14 +251,22 @@ def _download(model, target: Path, patterns: list[str], inputs: dict) -> Snapsho
                 f"{model.repo_id}@{model.commit}: {', '.join(bad)} did not match the Hub's "
                 "hash twice; the corrupt files were removed and a retry downloads them again.")
     except (hf.HfHubHTTPError, OSError) as exc:
-        raise errors.translate_hub_error(exc, repo_id=model.repo_id, revision=model.commit,
-                                         endpoint=settings.hub_endpoint()) from None
-    manifest = write_manifest(
-        target, {"step": "download", "repo_id": model.repo_id, "commit": model.commit,
-                 "inputs": inputs},
-        include=lambda rel: rel.startswith(f"{FILES}/")
-        and not rel.startswith(f"{FILES}/{HF_LOCAL_META}/"),
-        known={f"{FILES}/{k}": v for k, v in hashes.items()})
+        if (full := _no_space(exc)) is not None:
+            raise _disk_full(files_dir, model, full) from None
+        raise _hub_error(exc, model) from None
+    try:
+        manifest = write_manifest(
+            target, {"step": "download", "repo_id": model.repo_id, "commit": model.commit,
+                     "inputs": inputs},
+            include=lambda rel: rel.startswith(f"{FILES}/")
+            and not rel.startswith(f"{FILES}/{HF_LOCAL_META}/"),
+            known={f"{FILES}/{k}": v for k, v in hashes.items()})
+    except OSError as exc:
+        if (full := _no_space(exc)) is None:
+            raise
+        for tmp in target.glob("manifest.json.*.tmp"):  # the atomic write's half-written file
+            tmp.unlink(missing_ok=True)
+        raise _disk_full(files_dir, model, full) from None
     return _result(target, manifest, model)
 
 

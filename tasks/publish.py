@@ -11,9 +11,14 @@ plus a tag per version.
 - Idempotent: when the head's loraflow.json already names this adapter's sha256, no
   commit is made; the existing commit and its tag are reported.
 - Private by default; an existing public repo is refused when private is asked.
-- The commit POST is never retried blindly (the server may have applied it): a failed
-  publish is a PublishError, and re-running is safe because training is cached and
-  publishing is idempotent.
+- The commit POST is never retried blindly (the server may have applied it although it
+  answered an error): an error answer to it is a PublishError, and re-running is safe
+  because training is cached and every attempt reads the head's lineage before it
+  commits. That same check makes the step as a whole safe to retry, so transient
+  failures elsewhere (an API call answered 429/5xx, a connection dropped, a tag POST
+  that failed after its commit landed) are retried by the task (tasks/retry.py): the
+  retry finds the commit by its lineage and only tags it.
+- Tagging is idempotent too: a tag already on the commit is reported, not made again.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from profiles.schema import PublishSection
 from tasks import errors, settings
 from tasks.hub import hub_api, repo_url
 from tasks.modelcard import LINEAGE, publication_files
+from tasks.retry import TRANSIENT_RETRIES
 from tasks.train import ADAPTER_FILES, RECORD, TrainResult
 
 MAX_ATTEMPTS = 3
@@ -110,34 +116,89 @@ def _operations(files: dict[str, object]):
             for name, data in sorted(files.items())]
 
 
+# What an earlier attempt of this same task run committed, by (task run id, repo, adapter
+# sha256): {"commit": sha} when the commit's answer came, {"parent": sha} (the head it was
+# posted against) when the answer was lost. The step's retry finds such a commit by its
+# lineage; this says whether the run made it (new_commit) or found it there.
+_ATTEMPTS: dict[tuple, dict] = {}
+
+
+def _attempt_key(repo_id: str, adapter_sha256: str) -> Optional[tuple]:
+    from prefect.runtime import task_run
+
+    run_id = task_run.id
+    return None if run_id is None else (run_id, repo_id, adapter_sha256)
+
+
+def _made_by_this_run(api, repo_id: str, head: str, key: Optional[tuple]) -> bool:
+    """Whether the commit `head` (which holds this adapter) came from an earlier attempt of
+    this task run: its recorded sha, or a commit whose parent is the head the unanswered
+    attempt was posted against (parent_commit lets at most one commit land there)."""
+    mine = _ATTEMPTS.get(key) if key is not None else None
+    if mine is None:
+        return False
+    if "commit" not in mine:
+        history = api.list_repo_commits(repo_id, revision=head)
+        if not (len(history) > 1 and history[1].commit_id == mine["parent"]):
+            return False
+        _ATTEMPTS[key] = mine = {"commit": head}  # known now, for a retry after a failed tag
+    return mine["commit"] == head
+
+
 def push_bundle(api, repo_id: str, files: dict[str, object], adapter_sha256: str,
                 wanted_tag: Optional[str], summary: str) -> PublishResult:
     """Commit `files` (path in repo → bytes or local path) atomically, unless the head
-    already holds this adapter; then tag. `files` must include loraflow.json."""
+    already holds this adapter; then tag. `files` must include loraflow.json.
+
+    Args:
+        api: an HfApi with the token.
+        repo_id: the target repo (it exists).
+        files: path in repo → bytes or a local path.
+        adapter_sha256: the adapter's sha256, as the lineage names it.
+        wanted_tag: the tag to set, or None for the next free vN.
+        summary: the commit message.
+    Returns:
+        The publication; new_commit is True when this run (this attempt, or an earlier
+        attempt of the same task run whose answer was lost) made the commit.
+    Raises:
+        PublishError: the commit POST got an error answer, a tag is taken, or the head
+            kept moving.
+        HfHubHTTPError: any other Hub answer (run_publish translates it).
+    """
     from huggingface_hub import errors as hf
 
+    key = _attempt_key(repo_id, adapter_sha256)
     for _ in range(MAX_ATTEMPTS):
         head = api.model_info(repo_id).sha
         current = _head_lineage(api, repo_id, head)
         if current and (current.get("adapter") or {}).get("sha256") == adapter_sha256:
+            new = _made_by_this_run(api, repo_id, head, key)
             tag = _tag(api, repo_id, head, wanted_tag)  # a crash before tagging heals here
+            _ATTEMPTS.pop(key, None)
             return PublishResult(repo_id=repo_id, commit=head, tag=tag, url=repo_url(repo_id),
-                                 new_commit=False)
+                                 new_commit=new)
         if wanted_tag:  # refuse before pushing anything
             _refuse_taken_tag(wanted_tag, _tag_targets(api, repo_id), None, repo_id)
+        if key is not None:
+            _ATTEMPTS[key] = {"parent": head}  # until an answer says otherwise
         try:
             info = api.create_commit(repo_id, operations=_operations(files), parent_commit=head,
                                      commit_message=summary,
                                      commit_description=f"adapter sha256 {adapter_sha256}")
         except hf.HfHubHTTPError as exc:
+            _ATTEMPTS.pop(key, None)  # an answer came: nothing of ours to find later
             status = getattr(exc.response, "status_code", None)
             if status in (409, 412):  # another publisher moved the head: re-read, retry
                 continue
             raise errors.PublishError(
-                f"the commit to {repo_id} failed (HTTP {status}); nothing was tagged. Fix: "
-                "re-run the same command — training is cached and publishing is idempotent, "
-                "so it lands exactly one commit.", repo_id=repo_id) from None
+                f"the commit to {repo_id} failed (HTTP {status}); it may have landed all the "
+                "same, untagged. Fix: re-run the same command — training is cached and "
+                "publishing reads the repo's head first, so the re-run lands at most one "
+                "commit and tags it.", repo_id=repo_id) from None
+        if key is not None:
+            _ATTEMPTS[key] = {"commit": info.oid}  # a failed tag is retried: still ours
         tag = _tag(api, repo_id, info.oid, wanted_tag)
+        _ATTEMPTS.pop(key, None)
         return PublishResult(repo_id=repo_id, commit=info.oid, tag=tag, url=repo_url(repo_id),
                              new_commit=True)
     raise errors.PublishError(f"{repo_id} kept moving during {MAX_ATTEMPTS} attempts to "
@@ -174,6 +235,39 @@ def adapter_bundle(run_dir: Path, record: dict, publish: PublishSection) -> dict
     return files
 
 
+def _retryable_answer(exc: BaseException) -> Optional[str]:
+    """"503 to POST /api/…" for an HTTP answer worth retrying (408, 429, 5xx), else None."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if not (status in (408, 429) or (isinstance(status, int) and status >= 500)):
+        return None
+    try:
+        return f"{status} to {response.request.method} {response.request.url.path}"
+    except (AttributeError, RuntimeError):  # a response built without its request
+        return str(status)
+
+
+def _hub_error(exc: BaseException, repo_id: str) -> errors.LoraflowError:
+    """The step's error for a Hub answer: translate_hub_error's, except that an answer worth
+    retrying says what failed and the fix, since it is the run's last line once the step's
+    retries are spent.
+
+    Args:
+        exc: a huggingface_hub HfHubHTTPError.
+        repo_id: the repo being published to.
+    Returns:
+        A TransientHubError (still retried) or translate_hub_error's typed error.
+    """
+    answer = _retryable_answer(exc)
+    if answer is None:
+        return errors.translate_hub_error(exc, repo_id=repo_id, endpoint=settings.hub_endpoint())
+    return errors.TransientHubError(
+        f"publish: the Hub at {settings.hub_endpoint()} answered {answer} while publishing "
+        f"to {repo_id}. Fix: run the same command again once the Hub answers — training is "
+        "cached and publishing reads the repo's head first, so it lands at most one commit "
+        "and tags it once.", repo_id=repo_id)
+
+
 def _remember(run_dir: Path, result: PublishResult) -> None:
     """Append to the run's publications.json (what `loraflow runs` shows)."""
     path = run_dir / PUBLICATIONS
@@ -197,13 +291,13 @@ def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
                              train.adapter_sha256, publish.tag,
                              summary="loraflow: publish adapter")
     except hf.HfHubHTTPError as exc:
-        raise errors.translate_hub_error(exc, repo_id=publish.repo_id,
-                                         endpoint=settings.hub_endpoint()) from None
+        raise _hub_error(exc, publish.repo_id) from None
     _remember(run_dir, result)
     return result
 
 
-@task(name="publish")
+@task(name="publish", **TRANSIENT_RETRIES)
 def publish_adapter(train: TrainResult, publish: PublishSection) -> PublishResult:
-    """Prefect task: run_publish. Not cached: idempotent against the repo itself."""
+    """Prefect task: run_publish. Not cached: idempotent against the repo itself, which
+    is what makes retrying it on a transient error safe (see the module docstring)."""
     return run_publish(train, publish)
