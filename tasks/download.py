@@ -40,11 +40,6 @@ HF_LOCAL_META = ".cache"  # huggingface_hub's local_dir bookkeeping (metadata, t
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFullError(errors.LoraflowError):
-    """The disk under LORAFLOW_HOME filled up during a download. Not transient: a retry
-    at once would fail the same way; the user frees space and runs again."""
-
-
 class SnapshotManifest(BaseModel):
     """What was downloaded: repo@commit, where, and each file's size and sha256."""
     repo_id: str
@@ -164,14 +159,14 @@ def _no_space(exc: BaseException) -> Optional[OSError]:
     return None
 
 
-def _disk_full(files_dir: Path, model, cause: OSError) -> DiskFullError:
+def _disk_full(files_dir: Path, model, cause: OSError) -> errors.DiskFullError:
     """Free what the interrupted files held and say where the space ran out."""
     _drop_orphan_temporaries(files_dir)
     try:
         free = f"{shutil.disk_usage(files_dir).free / 2**20:.1f} MiB free now"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(
+    return errors.DiskFullError(
         f"download: no space left on the disk holding {files_dir} while downloading "
         f"{model.repo_id}@{model.commit} ({cause.strerror}; {free}). Fix: free space on that "
         "disk, or set LORAFLOW_HOME to a directory on a larger disk, then run again: the "

@@ -88,6 +88,11 @@ class DistributedTrainingError(LoraflowError):
     transient = True
 
 
+class DiskFullError(LoraflowError):
+    """The disk under LORAFLOW_HOME filled up during a download. Not transient: a retry
+    at once would fail the same way; the user frees space and runs again."""
+
+
 class OutOfMemoryError(LoraflowError):
     """Out of memory at the profile's settings; retrying the same settings won't help."""
 
@@ -201,8 +206,10 @@ def translate_hub_error(exc: Exception, *, repo_id: str, repo_type: str = "model
     if isinstance(exc, hf.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (408, 429) or (status is not None and status >= 500):
-            return TransientHubError(f"the Hub answered {status} for {where}; retrying may help.",
-                                     repo_id=repo_id)
+            return TransientHubError(
+                f"the Hub at {endpoint} answered {status} for {where} (retried). Fix: run "
+                "again later (finished steps are cached); if it persists, check the Hub's "
+                "status or HF_ENDPOINT.", repo_id=repo_id)
         if status in (401, 403):
             return HubAccessError(
                 f"the Hub refused access to {where} (HTTP {status}). Fix: use a token "
