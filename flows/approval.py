@@ -35,6 +35,17 @@ def pending_request(run_dir: str) -> Optional[dict]:
         return None
 
 
+def request_publication(run_dir: str, publish: PublishSection) -> None:
+    """Record where the training in `run_dir` should be published, for a later
+    `loraflow publish RUN_DIR` (the latest request wins). Kept beside, never inside, the
+    run directory: a training's outputs depend on its cache key alone."""
+    path = _request_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # appears whole or not at all
+    tmp.write_text(json.dumps(publish.model_dump(mode="json"), indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 def publish_command(run_dir: str, publish: PublishSection) -> str:
     """`loraflow publish RUN_DIR --set publish.…` naming every field that differs from the
     default (repo_id always), so the command publishes where this run asked on its own."""
@@ -61,11 +72,7 @@ def hold_for_approval(report: dict, trained, publish: PublishSection) -> dict:
     Returns:
         The report, status completed, with an "approval" entry.
     """
-    path = _request_path(trained.run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # appears whole or not at all
-    tmp.write_text(json.dumps(publish.model_dump(mode="json"), indent=1, sort_keys=True))
-    tmp.replace(path)
+    request_publication(trained.run_dir, publish)
     report["approval"] = {"repo_id": publish.repo_id, "run_dir": trained.run_dir,
                           "publish": publish.model_dump(mode="json"),
                           "deployment": PUBLISH_DEPLOYMENT,

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 from prefect import flow  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
+from flows.approval import request_publication  # noqa: E402
 from flows.finetune import cached  # noqa: E402
 from profiles.loader import load_profile  # noqa: E402
 from profiles.schema import Profile  # noqa: E402
@@ -42,7 +43,7 @@ def prepare_multinode(profile: Profile) -> str:
     """preflight → download → dataset, then RUN_DIR/launch.json; returns RUN_DIR."""
     pre = preflight(profile)
     snapshot = cached(download_snapshot, download_key, download_is_cached_and_intact)(
-        model=pre.base_model)
+        model=pre.base_model, adapter=pre.adapter)
     data = cached(prepare_dataset, dataset_key, dataset_is_cached_and_intact)(
         data=profile.data, source=pre.dataset, snapshot=snapshot, seed=profile.training.seed)
     run_dir = run_dir_for(train_key(profile, snapshot, data))
@@ -54,6 +55,8 @@ def prepare_multinode(profile: Profile) -> str:
               "snapshot": snapshot.model_dump(mode="json"),
               "dataset": data.model_dump(mode="json"), "flow_run_id": str(flow_run.id)}
     (run_dir / LAUNCH_FILE).write_text(json.dumps(inputs))
+    # Where pod 0's `loraflow publish RUN_DIR` publishes once training is done.
+    request_publication(str(run_dir), profile.publish)
     return str(run_dir)
 
 
