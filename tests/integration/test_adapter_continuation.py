@@ -6,7 +6,6 @@ localhub with the real clients. Then what preflight refuses, before any weight i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from flows.cli import run_profile
 from profiles.loader import load_profile
 from tasks.errors import ProfileError
+from homes import loraflow_home  # tests/
 
 ADAPTER = "tinylabs/tiny-llama-lora"
 BASE = "tinylabs/tiny-llama"
@@ -28,11 +28,8 @@ def _profile(*overrides):
 
 @pytest.fixture(scope="module", autouse=True)
 def own_home(session_dir):
-    old = os.environ["LORAFLOW_HOME"]
-    home = session_dir / "loraflow-continue"
-    os.environ["LORAFLOW_HOME"] = str(home)
-    yield home
-    os.environ["LORAFLOW_HOME"] = old
+    with loraflow_home(session_dir / "loraflow-continue") as home:
+        yield home
 
 
 @pytest.fixture(scope="module")

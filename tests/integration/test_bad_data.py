@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from flows.cli import main as cli_main
+from homes import loraflow_home  # tests/
 
 REPO = "loraflow-demo/bad-data-never-published"
 HUB_DATA = "loraflow-demo/bad-rows"
@@ -31,11 +31,8 @@ CHAT = (b'{"messages": [{"role": "user", "content": "hi"}, '
 
 @pytest.fixture(scope="module")
 def own_home(session_dir):
-    old = os.environ["LORAFLOW_HOME"]
-    home = session_dir / "loraflow-bad-data"
-    os.environ["LORAFLOW_HOME"] = str(home)
-    yield home
-    os.environ["LORAFLOW_HOME"] = old
+    with loraflow_home(session_dir / "loraflow-bad-data") as home:
+        yield home
 
 
 def _parquet(rows: dict, truncate: bool = False) -> bytes:

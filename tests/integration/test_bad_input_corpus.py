@@ -21,6 +21,7 @@ import pytest
 
 import flows.finetune  # noqa: F401 — Prefect configures its loggers at import, not mid-case
 from flows.cli import main as cli_main
+from homes import loraflow_home  # tests/
 
 REPO = "loraflow-demo/bad-input-never-published"
 PUBLIC_REPO = "loraflow-demo/bad-input-public"
@@ -31,11 +32,8 @@ BERT = ["model.id=tinylabs/tiny-bert", "model.task=seq-classification",
 
 @pytest.fixture(scope="module")
 def own_home(session_dir):
-    old = os.environ["LORAFLOW_HOME"]
-    home = session_dir / "loraflow-bad-input"
-    os.environ["LORAFLOW_HOME"] = str(home)
-    yield home
-    os.environ["LORAFLOW_HOME"] = old
+    with loraflow_home(session_dir / "loraflow-bad-input") as home:
+        yield home
 
 
 class _Records(logging.Handler):

@@ -21,17 +21,15 @@ import pytest
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
+from homes import loraflow_home  # tests/
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def own_home(session_dir):
-    old = os.environ["LORAFLOW_HOME"]
-    home = session_dir / "loraflow-chat-data"
-    os.environ["LORAFLOW_HOME"] = str(home)
-    yield home
-    os.environ["LORAFLOW_HOME"] = old
+    with loraflow_home(session_dir / "loraflow-chat-data") as home:
+        yield home
 
 
 def test_seeded_chat_rows_through_the_flow_are_the_templates_rendering(hub, as_user, own_home,

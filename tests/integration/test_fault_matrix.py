@@ -27,6 +27,7 @@ import pytest
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
+from homes import loraflow_home  # tests/
 
 BASE = "tinylabs/tiny-llama"
 NS = "loraflow-demo"
@@ -40,11 +41,8 @@ LEDGER: list[dict] = []
 @pytest.fixture(scope="module", autouse=True)
 def own_home(session_dir):
     """This module's LORAFLOW_HOME; the ledger is written when the module is done."""
-    old = os.environ["LORAFLOW_HOME"]
-    home = session_dir / "loraflow-faults"
-    os.environ["LORAFLOW_HOME"] = str(home)
-    yield home
-    os.environ["LORAFLOW_HOME"] = old
+    with loraflow_home(session_dir / "loraflow-faults") as home:
+        yield home
     _write_ledger(session_dir)
 
 

@@ -6,7 +6,6 @@ produced; the cache and canary tests run the flow again in the same homes.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
+from homes import loraflow_home  # tests/
 
 REPO = "loraflow-demo/e2e-adapter"  # this module's own repo: its tags start at v1
 BASE = "tinylabs/tiny-llama"
@@ -28,11 +28,8 @@ def _run(as_user, user="demo", overrides=()):
 @pytest.fixture(scope="module", autouse=True)
 def own_home(session_dir):
     """A LORAFLOW_HOME of this module's own: its first run is cold whatever ran before."""
-    old = os.environ["LORAFLOW_HOME"]
-    home = session_dir / "loraflow-e2e"
-    os.environ["LORAFLOW_HOME"] = str(home)
-    yield home
-    os.environ["LORAFLOW_HOME"] = old
+    with loraflow_home(session_dir / "loraflow-e2e") as home:
+        yield home
 
 
 @pytest.fixture(scope="module")
