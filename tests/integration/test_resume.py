@@ -159,6 +159,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_a_rerun_resumes(hub, as_user,
     _assert_resumed(rerun, run_dir, k, reference)
 
 
+def _drop_from_shared_hf_cache(repo_id: str) -> None:
+    """huggingface_hub fills a local_dir from its shared cache (HF_HOME) when the file is
+    there — an earlier test may have loaded the base with plain clients — so the repo is
+    dropped from it: the repair must then fetch from the Hub, which these tests count."""
+    from huggingface_hub import constants
+
+    shutil.rmtree(Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}",
+                  ignore_errors=True)
+
+
 def test_damaged_outputs_are_repaired_not_redone(hub, as_user, home):
     """A cached shard whose bytes changed is fetched again (and nothing downstream moves);
     a run killed after its last checkpoint, before the adapter was saved, finishes from
@@ -174,6 +184,7 @@ def test_damaged_outputs_are_repaired_not_redone(hub, as_user, home):
         byte = f.read(1)
         f.seek(size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
+    _drop_from_shared_hf_cache("tinylabs/tiny-llama")
     before = len(hub.requests())
     second = _run_here(as_user, small)
     assert second["status"] == "completed", second["error"]
@@ -222,6 +233,7 @@ def test_an_interrupted_download_keeps_what_completed_and_fetches_the_rest(hub, 
         orphan.write_bytes(b"partial")
         tok = files / "tokenizer.json"
         tok.write_bytes(tok.read_bytes().replace(b'"', b"'", 1))  # same size, other bytes
+        _drop_from_shared_hf_cache("tinylabs/tiny-llama")
         before = len(hub.requests())
         second = run_download(model)
         gets = sorted(r["path"].rsplit("/", 1)[1] for r in hub.requests()[before:]
