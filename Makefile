@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test test-gpu clean
+.PHONY: demo test test-fast test-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP)
 	  if [ "$$CI" = "true" ]; then echo "CI=true: chromium is required"; exit 1; fi; \
 	fi
 	LORAFLOW_CHROMIUM=$(CHROMIUM) $(VENV)/bin/python -m pytest tests
+
+# The inner loop for contributors: the unit tests (about a minute); `make test` is what CI runs.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow" tests/unit
 
 test-gpu: $(STAMP)
 	$(VENV)/bin/python -m pytest -m gpu tests/gpu
