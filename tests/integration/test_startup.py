@@ -142,15 +142,28 @@ def cpu_burner():
             b.wait()
 
 
-def test_quickstart_runs_on_a_fresh_prefect_home_beside_a_cpu_burner(tmp_path, hub, cpu_burner):
-    """`loraflow run quickstart` as a new process on a fresh PREFECT_HOME, every core busy,
-    with the CLI's own start-up timeout (the tests' 120 s is removed from its env)."""
+BUSY_RUNS = {
+    # `loraflow run quickstart` against the session's localhub
+    "run": ("run", "quickstart", "--json", "--set", "training.max_steps=4", "data.eval_split=0",
+            "publish.repo_id=loraflow-demo/busy-machine"),
+    # `make demo`'s command: it starts and seeds a localhub of its own
+    "demo": ("demo", "--json", "--set", "training.max_steps=4", "data.eval_split=0"),
+}
+
+
+@pytest.mark.parametrize("command", list(BUSY_RUNS))
+def test_quickstart_runs_on_a_fresh_prefect_home_beside_a_cpu_burner(command, tmp_path, hub,
+                                                                      cpu_burner):
+    """`loraflow run quickstart` and `loraflow demo` as new processes on a fresh
+    PREFECT_HOME, every core busy, with the CLI's own start-up timeout (the tests' 120 s is
+    removed from its env)."""
+    env = _env(tmp_path, HF_TOKEN=hub.token("demo"))
+    if command == "demo":  # the demo brings its own Hub and token
+        for name in ("HF_ENDPOINT", "HF_TOKEN"):
+            env.pop(name)
     start = time.monotonic()
-    done = subprocess.run(
-        _cli("run", "quickstart", "--json", "--set", "training.max_steps=4",
-             "data.eval_split=0", "publish.repo_id=loraflow-demo/busy-machine"),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=_env(tmp_path, HF_TOKEN=hub.token("demo")))
+    done = subprocess.run(_cli(*BUSY_RUNS[command]), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
     seconds = time.monotonic() - start
     assert all(b.poll() is None for b in cpu_burner), "the burner stopped before the run ended"
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
@@ -158,4 +171,4 @@ def test_quickstart_runs_on_a_fresh_prefect_home_beside_a_cpu_burner(tmp_path, h
 
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["status"] == "completed" and report["hub"]["commit"]
-    print(f"quickstart beside a CPU burner: {seconds:.1f} s")
+    print(f"{command} beside a CPU burner: {seconds:.1f} s")
