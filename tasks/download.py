@@ -174,26 +174,6 @@ def _disk_full(files_dir: Path, model, cause: OSError) -> errors.DiskFullError:
         directory=str(files_dir))
 
 
-def _hub_error(exc: BaseException, model) -> errors.LoraflowError:
-    """translate_hub_error's error, except that an answer worth retrying (408, 429, 5xx)
-    says which request failed and the fix: it is the run's last line once the step's
-    retries are spent."""
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if not (status in (408, 429) or (isinstance(status, int) and status >= 500)):
-        return errors.translate_hub_error(exc, repo_id=model.repo_id, revision=model.commit,
-                                          endpoint=settings.hub_endpoint())
-    try:
-        what = f"{status} to {response.request.method} {response.request.url.path}"
-    except (AttributeError, RuntimeError):  # a response built without its request
-        what = str(status)
-    return errors.TransientHubError(
-        f"download: the Hub at {settings.hub_endpoint()} answered {what} while downloading "
-        f"{model.repo_id}@{model.commit}. Fix: run the same command again once the Hub "
-        "answers: the files that completed are kept and only the rest is downloaded.",
-        repo_id=model.repo_id)
-
-
 def run_download(model: ModelRef, adapter: Optional[AdapterRef] = None) -> SnapshotManifest:
     """snapshot_download pinned to the commit, into LORAFLOW_HOME/downloads/<key>/files;
     with `adapter`, that adapter repo's files too (manifest.adapter)."""
@@ -248,7 +228,11 @@ def _download(model, target: Path, patterns: list[str], inputs: dict) -> Snapsho
     except (hf.HfHubHTTPError, OSError) as exc:
         if (full := _no_space(exc)) is not None:
             raise _disk_full(files_dir, model, full) from None
-        raise _hub_error(exc, model) from None
+        raise errors.translate_hub_error(
+            exc, repo_id=model.repo_id, revision=model.commit, endpoint=settings.hub_endpoint(),
+            doing=f"downloading {model.repo_id}@{model.commit}",
+            fix="run the same command again once the Hub answers: the files that completed "
+                "are kept and only the rest is downloaded") from None
     try:
         manifest = write_manifest(
             target, {"step": "download", "repo_id": model.repo_id, "commit": model.commit,

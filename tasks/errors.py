@@ -182,9 +182,37 @@ def unreachable_hub_error(exc: BaseException, endpoint: str) -> "TransientHubErr
         "finished steps are cached.", endpoint=endpoint)
 
 
+RETRY_LATER = ("run again later (finished steps are cached); if it persists, check the Hub's "
+               "status or HF_ENDPOINT")
+
+
+def _retryable_answer(exc: BaseException) -> str | None:
+    """"503 to POST /api/…" for an HTTP answer worth retrying (408, 429, 5xx), else None."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if not (status in (408, 429) or (isinstance(status, int) and status >= 500)):
+        return None
+    try:
+        return f"{status} to {response.request.method} {response.request.url.path}"
+    except (AttributeError, RuntimeError):  # a response built without its request
+        return str(status)
+
+
 def translate_hub_error(exc: Exception, *, repo_id: str, repo_type: str = "model",
-                        revision: str | None = None, endpoint: str = "") -> LoraflowError:
-    """Turn a huggingface_hub exception into a loraflow error, by type and status code."""
+                        revision: str | None = None, endpoint: str = "",
+                        doing: str = "", fix: str = "") -> LoraflowError:
+    """Turn a huggingface_hub exception into a loraflow error, by type and status code.
+
+    Args:
+        exc: the huggingface_hub (or transport) exception.
+        repo_id, repo_type, revision: the repo the call was about.
+        endpoint: the Hub's URL (HF_ENDPOINT).
+        doing: what the step was doing ("publishing to x/y"), for an answer worth
+            retrying: after the step's retries it is the run's last line.
+        fix: that answer's fix, when the step knows a better one than "run again later".
+    Returns:
+        A typed LoraflowError (TransientHubError for 408/429/5xx and connection failures).
+    """
     from huggingface_hub import errors as hf
 
     where = f"{repo_type} '{repo_id}'"
@@ -205,11 +233,11 @@ def translate_hub_error(exc: Exception, *, repo_id: str, repo_type: str = "model
             "to a user with access.", repo_id=repo_id)
     if isinstance(exc, hf.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (408, 429) or (status is not None and status >= 500):
+        answer = _retryable_answer(exc)
+        if answer is not None:
             return TransientHubError(
-                f"the Hub at {endpoint} answered {status} for {where} (retried). Fix: run "
-                "again later (finished steps are cached); if it persists, check the Hub's "
-                "status or HF_ENDPOINT.", repo_id=repo_id)
+                f"the Hub at {endpoint} answered {answer} while {doing or f'reading {where}'}"
+                f" (retried). Fix: {fix or RETRY_LATER}.", repo_id=repo_id)
         if status in (401, 403):
             return HubAccessError(
                 f"the Hub refused access to {where} (HTTP {status}). Fix: use a token "

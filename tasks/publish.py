@@ -235,39 +235,6 @@ def adapter_bundle(run_dir: Path, record: dict, publish: PublishSection) -> dict
     return files
 
 
-def _retryable_answer(exc: BaseException) -> Optional[str]:
-    """"503 to POST /api/…" for an HTTP answer worth retrying (408, 429, 5xx), else None."""
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if not (status in (408, 429) or (isinstance(status, int) and status >= 500)):
-        return None
-    try:
-        return f"{status} to {response.request.method} {response.request.url.path}"
-    except (AttributeError, RuntimeError):  # a response built without its request
-        return str(status)
-
-
-def _hub_error(exc: BaseException, repo_id: str) -> errors.LoraflowError:
-    """The step's error for a Hub answer: translate_hub_error's, except that an answer worth
-    retrying says what failed and the fix, since it is the run's last line once the step's
-    retries are spent.
-
-    Args:
-        exc: a huggingface_hub HfHubHTTPError.
-        repo_id: the repo being published to.
-    Returns:
-        A TransientHubError (still retried) or translate_hub_error's typed error.
-    """
-    answer = _retryable_answer(exc)
-    if answer is None:
-        return errors.translate_hub_error(exc, repo_id=repo_id, endpoint=settings.hub_endpoint())
-    return errors.TransientHubError(
-        f"publish: the Hub at {settings.hub_endpoint()} answered {answer} while publishing "
-        f"to {repo_id}. Fix: run the same command again once the Hub answers — training is "
-        "cached and publishing reads the repo's head first, so it lands at most one commit "
-        "and tags it once.", repo_id=repo_id)
-
-
 def _remember(run_dir: Path, result: PublishResult) -> None:
     """Append to the run's publications.json (what `loraflow runs` shows)."""
     path = run_dir / PUBLICATIONS
@@ -291,7 +258,12 @@ def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
                              train.adapter_sha256, publish.tag,
                              summary="loraflow: publish adapter")
     except hf.HfHubHTTPError as exc:
-        raise _hub_error(exc, publish.repo_id) from None
+        raise errors.translate_hub_error(
+            exc, repo_id=publish.repo_id, endpoint=settings.hub_endpoint(),
+            doing=f"publishing to {publish.repo_id}",
+            fix="run the same command again once the Hub answers — training is cached and "
+                "publishing reads the repo's head first, so it lands at most one commit and "
+                "tags it once") from None
     _remember(run_dir, result)
     return result
 
