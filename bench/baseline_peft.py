@@ -10,10 +10,21 @@ real Llama shapes (no weights can be downloaded on the GPU machine), a manual
 training loop over full-length sequences (no padding), bf16, fused AdamW.
 Prints one JSON line per case: tokens/s, model TFLOP/s, MFU, peak memory.
 """
-import gc, json, os, sys, time, tempfile
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, AutoModelForCausalLM, BitsAndBytesConfig
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

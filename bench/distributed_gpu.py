@@ -2,7 +2,7 @@
 
 For an 8B-shaped Llama with random bf16 weights: bf16 LoRA with DDP and nf4 QLoRA with
 FSDP, each 30 steps of a learnable synthetic task, against a single-GPU run at the same
-global batch. Each run is `tasks.train_worker` — the code a torchrun job of
+global batch. Each run is `tasks.training.worker` — the code a torchrun job of
 train_adapter runs — under CUDA_VISIBLE_DEVICES=0 (one GPU) or torch.distributed.run
 (two). Prints and writes one JSON line per case: per-step losses of both, their largest
 and mean relative difference, tokens/s and the ratio, peak memory.
@@ -84,7 +84,7 @@ def launch_inputs(model_dir: Path, dataset: dict, quant: str) -> dict:
 
 
 def inputs_for(model_dir: Path, dataset: dict, profile) -> dict:
-    """What train_adapter hands a torchrun job (tasks/launch.py), for a model on disk."""
+    """What train_adapter hands a torchrun job (tasks.training.launch.py), for a model on disk."""
     files = {p.name: {"size": p.stat().st_size, "sha256": p.name}
              for p in model_dir.iterdir() if p.is_file()}
     return {"profile": profile.model_dump(mode="json"),
@@ -104,9 +104,9 @@ def run(case: str, inputs: dict, gpus: int, work: Path) -> dict:
     launch.write_text(json.dumps(inputs))
     env = {**os.environ, **NO_MULTICAST, "LORAFLOW_HOME": str(home),
            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
-    cmd = ([sys.executable, "-m", "tasks.train_worker", str(launch)] if gpus == 1 else
+    cmd = ([sys.executable, "-m", "tasks.training.worker", str(launch)] if gpus == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={gpus}", "-m", "tasks.train_worker", str(launch)])
+            f"--nproc_per_node={gpus}", "-m", "tasks.training.worker", str(launch)])
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -35,12 +35,12 @@ import time
 
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import unsloth  # noqa: E402  (must come before transformers: it patches it)
-from unsloth import FastLanguageModel  # noqa: E402
 import torch  # noqa: E402
+import unsloth  # noqa: E402  (must come before transformers: it patches it)
 from tokenizers import Tokenizer  # noqa: E402
 from tokenizers.models import WordLevel  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from unsloth import FastLanguageModel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baseline_peft import SHAPES, flops_per_token  # noqa: E402

@@ -11,10 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import baseline_peft  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-import baseline_peft  # noqa: E402
 
 print(json.dumps({"cudnn": torch.backends.cudnn.version(), "torch": torch.__version__,
                   "flash_sdp": torch.backends.cuda.flash_sdp_enabled(),

@@ -2,7 +2,7 @@
 
 Runs flows of N no-op tasks and times each task call from inside the flow (what the
 flow's step report shows as a step's seconds): plain Prefect tasks, then tasks
-configured exactly as loraflow's cached steps (tasks.caching.cache_options: a content
+configured exactly as loraflow's cached steps (tasks.cache.policy.cache_options: a content
 key, SERIALIZABLE isolation with the orphan-breaking file lock, persisted results, and
 the intact check of a small manifest under the key's lock) — first as misses (compute
 + persist), then as hits. The task bodies do nothing, so each call's time is the
@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import flow, task  # noqa: E402
 
 from tasks import settings  # noqa: E402
-from tasks.caching import cache_key, cache_options, changed_files, write_manifest  # noqa: E402
+from tasks.cache.keys import cache_key
+from tasks.cache.manifest import changed_files, write_manifest
+from tasks.cache.policy import cache_options
 
 
 @task(name="noop")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import baseline_peft  # noqa: E402  (the shared baseline, unchanged)
+
 from localhub.seed_data import alphabet_rows  # noqa: E402  (the learnable task)
 
 SEQ, WARM, STEPS = 2048, 3, 8
@@ -60,7 +61,7 @@ CASES = {
         ("bs4-ckpt24-compile", 4, {**FAST, **CKPT, "checkpoint_layers": 24, **COMPILE}),
         ("bs2x2-adamw_8bit", 2, {**FAST, "optimizer": "adamw_8bit"}),
         ("bs2x2-paged_adamw_8bit", 2, {**FAST, "optimizer": "paged_adamw_8bit"}),
-        # preflight picks the batch and checkpointing (tasks/memory.py fit_to_cap)
+        # preflight picks the batch and checkpointing (tasks/memory/ fit_to_cap)
         ("cap48", 4, {**FAST, "memory_cap_gib": 48}),
         ("cap31.3", 4, {**FAST, "memory_cap_gib": 31.3}),
         ("cap31.3-compile", 4, {**FAST, **COMPILE, "memory_cap_gib": 31.3})]),
@@ -203,13 +204,11 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
     """tasks.train.run_train on the saved model. The step time is the time between the
     logged losses (a log synchronizes with the GPU) from step WARM on, per step; the
     losses are those logged every `log_every` steps."""
-    from profiles.schema import Profile
-    from tasks.dataset import DatasetManifest
-    from tasks.download import SnapshotManifest
-    from tasks.preflight import PreflightReport
-    from tasks.train import read_step_log, run_train
-
     from distributed_gpu import inputs_for
+
+    from profiles.schema import Profile
+    from tasks.contracts import DatasetManifest, PreflightReport, SnapshotManifest
+    from tasks.train import read_step_log, run_train
 
     home = WORK / f"home-{time.time_ns()}"
     os.environ["LORAFLOW_HOME"] = str(home)
@@ -226,7 +225,8 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
     PROBE.reset()
     inputs = inputs_for(model_dir, dataset, profile)
     if profile.training.memory_cap_gib is not None:  # what preflight would plan
-        from tasks.memory import plan_memory, read_safetensors_headers
+        from tasks.memory.fit import plan_memory
+        from tasks.memory.tensors import read_safetensors_headers
 
         config = json.loads((model_dir / "config.json").read_text())
         inputs["preflight"]["memory"] = plan_memory(

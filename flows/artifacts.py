@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 
-from prefect.artifacts import (create_image_artifact, create_link_artifact,
-                               create_markdown_artifact, create_table_artifact)
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
 
 def artifact_key(repo_id: str, kind: str) -> str:

@@ -81,7 +81,7 @@ def _failure_report(profile_name: str, error: LoraflowError) -> dict:
 def data_summary(data: dict) -> str:
     """The dataset counts a user needs, from the training record's "dataset" entry: rows
     read, dropped (and why), truncated (as the card says them), train/eval sizes."""
-    from tasks.modelcard import data_counts
+    from tasks.publication.modelcard import data_counts
 
     sizes = f"{data.get('num_train')} train / {data.get('num_eval')} eval examples"
     return "Data: " + ", ".join([*data_counts(data), sizes])
@@ -100,7 +100,7 @@ def _summary(report: dict) -> str:
             f"loraflow publish {Path(adapter['path']).parent}"
         return (f"\n{data_summary(record['dataset'])}\nTrained; awaiting approval to publish "
                 f"to {approval.get('repo_id')}. Publish it with: {command}")
-    from tasks.modelcard import adapter_kind, base_loader
+    from tasks.publication.modelcard import adapter_kind, base_loader
 
     hub, m = report["hub"], report["metrics"]
     auto, head_args = base_loader(record)

@@ -63,7 +63,7 @@ def _summary(step: str, inputs: dict | None) -> str:
         return (f"{inputs['repo_id']}@{inputs['commit'][:12]} · "
                 f"{len(inputs.get('patterns', []))} file patterns · {code}")
     if step == "dataset":
-        from tasks.caching import stable_hash
+        from tasks.cache.keys import stable_hash
 
         rows = inputs["rows"]
         src = (f"{rows['hub']}@{(rows.get('commit') or '')[:12]}" if "hub" in rows
@@ -87,8 +87,10 @@ def _inputs_file(path: Path) -> dict | None:
 
 def cache_entries(steps=STEPS) -> list[dict]:
     """Every cached (or partly computed) step output under LORAFLOW_HOME."""
-    from tasks.caching import (STEP_DIRS, OrphanBreakingLockManager, changed_files, dir_size,
-                               lock_dir, read_manifest)
+    from tasks.cache.keys import STEP_DIRS
+    from tasks.cache.locks import OrphanBreakingLockManager
+    from tasks.cache.manifest import changed_files, dir_size, read_manifest
+    from tasks.cache.policy import lock_dir
 
     home = settings.loraflow_home()
     locks = OrphanBreakingLockManager(lock_dir())
@@ -128,7 +130,7 @@ def cache_entries(steps=STEPS) -> list[dict]:
 
 
 def _others() -> list[dict]:
-    from tasks.caching import dir_size
+    from tasks.cache.manifest import dir_size
 
     home = settings.loraflow_home()
     out = []

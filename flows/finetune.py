@@ -3,7 +3,7 @@
     preflight ─► download ─┐
         └──────► dataset ──┴─► train ─► publish ─► verify
 
-Caching is keyed on content (see tasks/caching.py): preflight never; download,
+Caching is keyed on content (see tasks/cache/): preflight never; download,
 dataset and train by their content keys, and a hit whose files are gone or changed is
 treated as a miss; publish is idempotent against the repo; verify is keyed by
 (Hub commit, adapter sha256).
@@ -22,9 +22,13 @@ from flows.prefect_runtime import install_log_filter
 from flows.ui import emit_published, failure_artifact
 from profiles.schema import Profile
 from tasks import settings
-from tasks.caching import cache_options
+from tasks.cache.policy import cache_options
 from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
-from tasks.download import download_is_cached_and_intact, download_key, download_snapshot
+from tasks.download import (
+    download_is_cached_and_intact,
+    download_key,
+    download_snapshot,
+)
 from tasks.errors import LoraflowError, is_transient, unreachable_hub_error
 from tasks.local_check import check_local_adapter, local_check_key
 from tasks.merge import publish_merged
@@ -49,7 +53,7 @@ class FlowFailed(Exception):
 
 def cached(task_obj, key_fn: Callable[..., str],
            intact_fn: Callable[..., bool] | None = None):
-    """The task with a content-keyed cache (tasks/caching.py); with `intact_fn` (called
+    """The task with a content-keyed cache (tasks/cache/); with `intact_fn` (called
     with the task's parameters, under the key's lock) a hit whose outputs are gone or
     changed is a miss."""
     return task_obj.with_options(**cache_options(key_fn, intact_fn))

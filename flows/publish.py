@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from flows.ui import emit_published
 from profiles.schema import PublishSection
 from tasks import errors
-from tasks.caching import outputs_intact, sha256_file
+from tasks.cache.manifest import outputs_intact, sha256_file
+from tasks.contracts import RECORD, TrainResult
 from tasks.publish import publish_adapter
-from tasks.train import RECORD, TrainResult
 
 
 def load_run(run_dir: str) -> TrainResult:

@@ -21,13 +21,20 @@ from typing import Any, Literal, Optional
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.finetune import (StepRecorder, TRAINING_LIMIT, _empty_report, _print_progress,
-                            fail, failed_state, train_steps)
+from flows.finetune import (
+    TRAINING_LIMIT,
+    StepRecorder,
+    _empty_report,
+    _print_progress,
+    fail,
+    failed_state,
+    train_steps,
+)
 from profiles.loader import apply_override
 from profiles.schema import Profile, PublishSection
 from tasks import settings
 from tasks.errors import LoraflowError, ProfileError
-from tasks.launch import visible_gpus
+from tasks.training.launch import visible_gpus
 
 
 @flow(name="loraflow-train-variant", log_prints=True)
@@ -121,8 +128,10 @@ def plan_variants(profile: Profile, grid: dict[str, list], publish: str
 def ensure_training_limit(slots: int) -> None:
     """Create or resize the `loraflow-training` global concurrency limit."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import (GlobalConcurrencyLimitCreate,
-                                                GlobalConcurrencyLimitUpdate)
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
@@ -154,7 +163,11 @@ def launch_variant(profile: Profile, name: str, workdir: Path, api_url: str):
 def training_intervals(flow_run_ids: list[str]) -> list[tuple[float, float]]:
     """(start, end) of each variant's train task run, as Prefect recorded them."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+    )
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from localhub import seed_adapters, seed_data, seed_models
 from localhub.auth import User, Users
-from localhub.store import DEFAULT_GITATTRIBUTES, Operation, RepoMeta, Store, commit_sha, make_entry
+from localhub.store import (
+    DEFAULT_GITATTRIBUTES,
+    Operation,
+    RepoMeta,
+    Store,
+    commit_sha,
+    make_entry,
+)
 
 ENDPOINT_HINT = "set HF_ENDPOINT to the server URL, HF_TOKEN to a user's token, HF_HUB_DISABLE_XET=1"
 ORGS = ["loraflow-demo", "tinylabs"]

@@ -15,7 +15,15 @@ import json
 
 import numpy as np
 
-from localhub.seed_data import HEAD_DIM, HIDDEN, INTERMEDIATE, KV_HEADS, HEADS, LAYERS, safetensors_bytes
+from localhub.seed_data import (
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    INTERMEDIATE,
+    KV_HEADS,
+    LAYERS,
+    safetensors_bytes,
+)
 
 ADAPTER_REPO = "tinylabs/tiny-llama-lora"
 BASE_REPO = "tinylabs/tiny-llama"

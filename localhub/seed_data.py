@@ -18,6 +18,7 @@ from collections import Counter
 
 import numpy as np
 
+
 # --------------------------------------------------------------------------- dataset
 def alphabet_rows(count: int, length: int, seed: int = 0, first_id: int = 1000) -> list[list[int]]:
     """Learnable token sequences for training benchmarks and GPU tests: each row repeats a random order

@@ -229,7 +229,14 @@ def _template(style: str) -> str:
 
 def _backend(style: str, corpus: list[str], vocab_size: int):
     """A byte-level BPE `tokenizers.Tokenizer` trained on the corpus, specials first (ids 0…)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     specials, bos, *_rest = _SPECS[style]
     add_bos = _SPECS[style][5]

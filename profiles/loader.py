@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from profiles.errors import ProfileError
 from profiles.schema import Profile, presets_dir
-from tasks.errors import ProfileError
 
 
 def resolve_profile_path(name_or_path: str) -> Path:

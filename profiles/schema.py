@@ -12,8 +12,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a quick shape test (preflight)
@@ -47,6 +53,14 @@ RepoId = Annotated[str, AfterValidator(_hub_repo_id),
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
+# model.task → the data.format values whose rows fit it (tasks/model_tasks.py says what each
+# task means to transformers and peft; this table is the profile's rule).
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "causal-lm": ("alpaca", "chat", "prompt-completion", "text"),
+    "seq-classification": ("text-label",),
+    "token-classification": ("tokens-tags",),
+    "seq2seq-lm": ("input-target",),
+}
 # A size as accelerate's max_memory takes it: 20GiB, 500MB, 1.5TB, 1024 (bytes).
 SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|[KMGT]i?B)?$", re.IGNORECASE)
 DEVICE_RE = re.compile(r"^(cpu|disk|cuda|cuda:\d+)$")
@@ -74,7 +88,7 @@ class ModelSection(_Section):
                           "(from_pretrained's revision). Resolved to a commit sha by preflight.")
     task: Literal["causal-lm", "seq-classification", "token-classification", "seq2seq-lm"] = Field(
         "causal-lm", description="What the model is trained for: picks the Auto class and "
-        "peft's task_type (tasks/task_types.py): causal-lm (AutoModelForCausalLM, CAUSAL_LM), "
+        "peft's task_type (tasks.model_tasks.py): causal-lm (AutoModelForCausalLM, CAUSAL_LM), "
         "seq-classification (AutoModelForSequenceClassification, SEQ_CLS), "
         "token-classification (AutoModelForTokenClassification, TOKEN_CLS), seq2seq-lm "
         "(AutoModelForSeq2SeqLM, SEQ_2_SEQ_LM). data.format must fit it.")
@@ -531,11 +545,9 @@ class Profile(_Section):
 
     @model_validator(mode="after")
     def _task_fits_format(self) -> "Profile":
-        from tasks.task_types import TASKS
-
-        fits = TASKS[self.model.task].formats
+        fits = TASK_FORMATS[self.model.task]
         if self.data.format not in fits:
-            users = [t.name for t in TASKS.values() if self.data.format in t.formats]
+            users = [task for task, formats in TASK_FORMATS.items() if self.data.format in formats]
             raise ValueError(
                 f"data.format: '{self.data.format}' rows do not fit model.task "
                 f"{self.model.task}, which trains on {' or '.join(fits)} rows. Fix: set "

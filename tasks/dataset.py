@@ -1,9 +1,9 @@
 """prepare_dataset: rows → (prompt, completion) → token ids with prompt masking, chat
 conversations → the template's own rendering with labels on the assistant turns, or the
-rows of the other task types (tasks/task_types.py) → inputs and labels.
+rows of the other task types (tasks.model_tasks.py) → inputs and labels.
 
 Formats: alpaca {instruction, input, output}; chat {messages[, tools]} rendered by the
-chat template (tasks/chat_data.py); prompt-completion {prompt, completion}; text {text} —
+chat template (tasks.data.chat.py); prompt-completion {prompt, completion}; text {text} —
 causal-lm, all four. text-label {text, label} (seq-classification: the label's index),
 tokens-tags {tokens, tags} (token-classification: word-level tags on each word's first
 sub-word token, -100 on the others), input-target {input, target} (seq2seq-lm: the
@@ -23,7 +23,7 @@ function calls (and, under Prefect's log_prints, prints a bytecode listing into 
 and misses module constants), so it could serve rows tokenized by older code.
 
 Bad data fails before any row is tokenized, with one DatasetError that names the file,
-the line or row, and the fix (tasks/data_reading.py).
+the line or row, and the fix (tasks.data.reading.py).
 """
 from __future__ import annotations
 
@@ -35,36 +35,28 @@ from pathlib import Path
 from typing import Optional
 
 from prefect import task
-from pydantic import BaseModel, Field
 
 from profiles.schema import DataSection
 from tasks import errors, settings
-from tasks.caching import cache_key, changed_files, code_inputs, read_manifest, write_manifest
-from tasks.chat_data import (TemplateFailure, chat_example, chat_messages,
-                             chat_template_file, template_error, template_override)
-from tasks.data_reading import REQUIRED_COLUMNS, check_columns, load_rows
-from tasks.download import SnapshotManifest
-from tasks.preflight import DatasetRef
-from tasks.prompt_formats import alpaca_prompt
+from tasks.cache.keys import cache_key, code_inputs
+from tasks.cache.manifest import changed_files, read_manifest, write_manifest
+from tasks.contracts import DatasetManifest, DatasetRef, SnapshotManifest
+from tasks.data.chat import (
+    TemplateFailure,
+    chat_example,
+    chat_messages,
+    chat_template_file,
+    template_error,
+    template_override,
+)
+from tasks.data.prompt_formats import alpaca_prompt
+from tasks.data.reading import REQUIRED_COLUMNS, check_columns, load_rows
+from tasks.model_tasks import IGNORE_INDEX
 from tasks.retry import TRANSIENT_RETRIES
-from tasks.task_types import IGNORE_INDEX
 
 CAUSAL_FORMATS = ("alpaca", "chat", "prompt-completion", "text")
 # Per-row bookkeeping columns of the tokenize map, counted and removed before saving.
 _DROP, _TRUNCATED = "_loraflow_drop", "_loraflow_truncated"
-
-
-class DatasetManifest(BaseModel):
-    """The prepared dataset: where it is, what it holds, and what was left out."""
-    path: str
-    key: str
-    num_train: int
-    num_eval: int
-    train_tokens: int
-    labels: Optional[list[str]] = None  # label / tag names (index = class id), classification
-    rows_read: int = 0  # rows in the source split, before anything was dropped
-    dropped: dict[str, int] = Field(default_factory=dict)  # reason → rows
-    truncated: int = 0  # rows kept but cut at data.max_length
 
 
 def _is_tokenizer_file(name: str) -> bool:

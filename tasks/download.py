@@ -24,13 +24,23 @@ from pathlib import Path
 from typing import Optional
 
 from prefect import task
-from pydantic import BaseModel
 
 from tasks import errors, settings
-from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
-                           write_manifest)
+from tasks.cache.keys import cache_key, code_inputs
+from tasks.cache.manifest import (
+    changed_files,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from tasks.contracts import (
+    ADAPTER_PATTERNS,
+    SNAPSHOT_PATTERNS,
+    AdapterRef,
+    ModelRef,
+    SnapshotManifest,
+)
 from tasks.hub import hub_api
-from tasks.preflight import ADAPTER_PATTERNS, SNAPSHOT_PATTERNS, AdapterRef, ModelRef
 from tasks.retry import TRANSIENT_RETRIES
 
 FILES = "files"
@@ -38,19 +48,6 @@ HF_LOCAL_META = ".cache"  # huggingface_hub's local_dir bookkeeping (metadata, t
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class SnapshotManifest(BaseModel):
-    """What was downloaded: repo@commit, where, and each file's size and sha256."""
-    repo_id: str
-    commit: str
-    local_dir: str
-    files: dict[str, dict]
-    # The adapter the run continues (model.id is an adapter repo), downloaded beside.
-    adapter: Optional["SnapshotManifest"] = None
-
-    def file_hashes(self, predicate=lambda name: True) -> dict[str, str]:
-        return {n: m["sha256"] for n, m in sorted(self.files.items()) if predicate(n)}
 
 
 def download_inputs(model: ModelRef) -> dict:

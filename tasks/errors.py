@@ -5,23 +5,7 @@ by type (see `translate_hub_error`), never by matching message text.
 """
 from __future__ import annotations
 
-
-class LoraflowError(Exception):
-    """Base class. `transient` tells the retry policy whether trying again can help."""
-
-    transient = False
-
-    def __init__(self, message: str, **fields: object) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fields = fields
-
-    def to_dict(self) -> dict:
-        return {"type": type(self).__name__, "message": self.message}
-
-
-class ProfileError(LoraflowError):
-    """The profile is invalid: names the field, the cause and the fix."""
+from profiles.errors import LoraflowError, ProfileError  # noqa: F401 (one hierarchy)
 
 
 class HubAccessError(LoraflowError):

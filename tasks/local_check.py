@@ -10,22 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel
 
 from profiles.schema import Profile
 from tasks import errors
-from tasks.caching import code_version, sha256_file, stable_hash
-from tasks.download import SnapshotManifest
-from tasks.train import RECORD, TrainResult
+from tasks.cache.keys import code_version, stable_hash
+from tasks.cache.manifest import sha256_file
+from tasks.contracts import RECORD, LocalCheckResult, SnapshotManifest, TrainResult
 
 PROBE = "Below is an instruction that describes a task. Write a response."
 MIN_EFFECT = 1e-5
-
-
-class LocalCheckResult(BaseModel):
-    adapter_dir: str
-    adapter_sha256: str
-    max_abs_diff_vs_base: float
 
 
 def local_check_key(train: TrainResult, snapshot: SnapshotManifest, **_) -> str:
@@ -45,8 +38,8 @@ def run_local_check(train: TrainResult, snapshot: SnapshotManifest,
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tasks.modeling import load_base_model
-    from tasks.task_types import probe_inputs, record_labels
+    from tasks.model_tasks import probe_inputs, record_labels
+    from tasks.training.modeling import load_base_model
 
     weights = Path(train.adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file() or sha256_file(weights) != train.adapter_sha256:

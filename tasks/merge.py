@@ -13,12 +13,11 @@ from prefect import task
 
 from profiles.schema import Profile
 from tasks import errors, settings
-from tasks.download import SnapshotManifest
+from tasks.contracts import RECORD, PublishResult, SnapshotManifest, TrainResult
 from tasks.hub import hub_api
-from tasks.modelcard import LINEAGE, card_metadata, lineage_manifest
-from tasks.publish import PublishResult, ensure_repo, push_bundle
-from tasks.task_types import head_kwargs, record_labels, task_type, tied_weight_keys
-from tasks.train import RECORD, TrainResult
+from tasks.model_tasks import head_kwargs, record_labels, task_type, tied_weight_keys
+from tasks.publication.commit import ensure_repo, push_bundle
+from tasks.publication.modelcard import LINEAGE, card_metadata, lineage_manifest
 
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template", "generation_config")
 
@@ -49,7 +48,7 @@ def _untie_adapted_head(model) -> bool:
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tasks.adapters import tied_embeddings
+    from tasks.training.adapters import tied_embeddings
 
     base = model.get_base_model()
     head = base.get_output_embeddings()
@@ -72,7 +71,7 @@ def _probe_logits(model, local_dir: str, task: str):
     import torch
     from transformers import AutoTokenizer
 
-    from tasks.task_types import probe_inputs
+    from tasks.model_tasks import probe_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(local_dir)
     inputs = probe_inputs(task, tokenizer, model, PROBE)
@@ -111,7 +110,7 @@ def merge_adapter(train: TrainResult, snapshot: SnapshotManifest, profile: Profi
     import transformers
     from peft import PeftModel
 
-    from tasks.adapters import tied_embeddings
+    from tasks.training.adapters import tied_embeddings
 
     out = Path(train.run_dir) / "merged"
     if (out / "config.json").is_file():

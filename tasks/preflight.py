@@ -4,7 +4,7 @@ Token valid (whoami), read access to the (possibly gated) base model (auth_check
 write access to the target namespace, revisions resolved to commit shas, safetensors
 weights present, enough free disk for the shards; the loading options this machine can
 honour (libraries, GPUs), LoRA target modules that exist, and a memory estimate from the
-safetensors headers that fits the visible GPUs (tasks/memory.py). Never cached: it is
+safetensors headers that fits the visible GPUs (tasks/memory/). Never cached: it is
 the check that the world is still as the caches assume. Never imports torch.
 """
 from __future__ import annotations
@@ -13,69 +13,31 @@ import importlib.util
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from prefect import task
-from pydantic import BaseModel
 
 from profiles.schema import Profile
-from tasks import errors, memory, settings
+from tasks import errors, settings
+from tasks.contracts import (
+    ADAPTER_PATTERNS,
+    SNAPSHOT_PATTERNS,
+    AdapterRef,
+    DatasetRef,
+    MemoryReport,
+    ModelRef,
+    PreflightReport,
+)
 from tasks.hub import hub_api
-from tasks.memory import MemoryReport
+from tasks.memory import devices
+from tasks.memory.fit import plan_memory
+from tasks.memory.tensors import (
+    TensorSpecs,
+    check_target_modules,
+    linear_modules,
+    tensor_specs_from_hub,
+)
 from tasks.retry import TRANSIENT_RETRIES
-
-# Files a training run needs from the base repo: weights as safetensors (never pickle),
-# configs and tokenizer files.
-SNAPSHOT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json",
-                     "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                     "chat_template.jinja", "*.model", "vocab.*", "merges.txt"]
-
-
-class ModelRef(BaseModel):
-    """The base model, pinned."""
-    repo_id: str
-    revision: str
-    commit: str
-    gated: bool
-    license: Optional[str] = None
-    architecture: Optional[str] = None
-    download_bytes: int = 0
-
-
-class DatasetRef(BaseModel):
-    """The training data, pinned: a Hub dataset at a commit, or a local file by sha256."""
-    source: Literal["hub", "file"]
-    id: str
-    revision: Optional[str] = None
-    commit: Optional[str] = None
-    sha256: Optional[str] = None
-
-    @property
-    def content_id(self) -> str:
-        return self.commit or self.sha256 or ""
-
-
-class AdapterRef(BaseModel):
-    """The adapter a run continues, pinned: model.id when it is an adapter repo
-    (adapter_config.json and no config.json). Its base is the run's base_model."""
-    repo_id: str
-    revision: str
-    commit: str
-    method: str                 # lora.method of the adapter (from its peft_type)
-    base_id: str                # the base it sits on
-    base_revision: str          # the base revision preflight resolved
-    base_revision_from: Literal["adapter_config", "model.base_revision", "default"]
-    config: dict                # its adapter_config.json
-    download_bytes: int = 0
-
-
-class PreflightReport(BaseModel):
-    user: str
-    base_model: ModelRef
-    dataset: DatasetRef
-    target_repo: str
-    memory: Optional[MemoryReport] = None
-    adapter: Optional[AdapterRef] = None  # set when training continues an adapter
 
 
 def check_token(api) -> dict:
@@ -158,12 +120,12 @@ def model_config(api, model: ModelRef) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def model_tensors(api, model: ModelRef) -> memory.TensorSpecs:
+def model_tensors(api, model: ModelRef) -> TensorSpecs:
     """Every weight's name, dtype and shape from the safetensors headers (ranged reads)."""
     from huggingface_hub import errors as hf
 
     try:
-        return memory.tensor_specs_from_hub(api, model.repo_id, model.commit)
+        return tensor_specs_from_hub(api, model.repo_id, model.commit)
     except (hf.SafetensorsParsingError, hf.NotASafetensorsRepoError) as exc:
         raise errors.ProfileError(
             f"model.id: the safetensors headers of '{model.repo_id}' at {model.commit} "
@@ -190,7 +152,7 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
     """What loading needs from this machine, checked before any weight is read.
 
     Libraries are looked up without importing them (torch is never imported here);
-    GPUs come from nvidia-smi (`memory.visible_gpus`).
+    GPUs come from nvidia-smi (`visible_gpus`).
     """
     m, q, t = profile.model, profile.quantization, profile.training
     on_cpu = not gpus or m.device_map == "cpu"
@@ -219,7 +181,7 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
             f"{'none is visible here' if on_cpu else 'the package is not installed'}). Fix: "
             "pip install 'loraflow[fast]' on a GPU machine, or set it to auto (on where it "
             "can run) or false.")
-    from tasks.speed import adapts_output_head
+    from tasks.training.speed import adapts_output_head
 
     if t.liger_kernel is True and profile.model.task == "causal-lm" \
             and adapts_output_head(profile.lora):
@@ -264,22 +226,22 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
 
 
 def check_task(api, profile: Profile, model: ModelRef) -> None:
-    """model.task is one the base can do, from its config.json (tasks/task_types.py)."""
-    from tasks.task_types import check_config
+    """model.task is one the base can do, from its config.json (tasks.model_tasks.py)."""
+    from tasks.model_tasks import check_config
 
     check_config(profile.model.task, model_config(api, model), model.repo_id)
 
 
 def check_memory(api, profile: Profile, model: ModelRef, gpus: list,
-                 adapter: Optional[AdapterRef] = None) -> memory.MemoryReport:
+                 adapter: Optional[AdapterRef] = None) -> MemoryReport:
     """Target modules exist, a continued adapter is the one the lora section describes,
     and the run fits the visible GPUs (headers only)."""
     tensors = model_tensors(api, model)
     config = model_config(api, model)
-    memory.check_target_modules(profile.lora, tensors, config, profile.model.task)
+    check_target_modules(profile.lora, tensors, config, profile.model.task)
     if adapter is not None:
         check_adapter_shape(profile, adapter, tensors, config)
-    return memory.plan_memory(profile, tensors, config, gpus=gpus)
+    return plan_memory(profile, tensors, config, gpus=gpus)
 
 
 def resolve_dataset(api, profile: Profile) -> DatasetRef:
@@ -291,7 +253,7 @@ def resolve_dataset(api, profile: Profile) -> DatasetRef:
             raise errors.ProfileError(f"data.dataset: local file '{local}' does not exist. "
                                       "Fix: give an existing .json/.jsonl/.csv/.parquet file "
                                       "or a Hub dataset id.")
-        from tasks.caching import sha256_file
+        from tasks.cache.manifest import sha256_file
 
         return DatasetRef(source="file", id=str(local.resolve()), sha256=sha256_file(local))
     from huggingface_hub import errors as hf
@@ -316,16 +278,6 @@ def check_disk(needed_bytes: int) -> None:
             "or point LORAFLOW_HOME at a larger disk.")
 
 # ------------------------------------------------------------------ adapter repos
-# model.id may name an adapter repo: training then continues that adapter on the base its
-# adapter_config.json names. The contract (checked here, before any weight is read):
-# - the base is adapter_config.json's base_model_name_or_path; model.base_id, when set,
-#   must equal it (or stands in for it when the adapter names a local path, not a repo);
-# - the base revision is adapter_config.json's revision, else model.base_revision, else
-#   main; when both name one, they must resolve to the same commit;
-# - the lora section describes the adapter: same method and task type, same adapted
-#   modules and shape (r, alpha, …; checked against the base's headers in check_memory);
-#   lora.init stays default (a trained adapter keeps its weights).
-ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def _is_adapter_repo(files: list[str]) -> bool:
@@ -341,7 +293,7 @@ def resolve_adapter(api, profile: Profile) -> Optional[AdapterRef]:
     from huggingface_hub import errors as hf
 
     from profiles.schema import REPO_ID_RE, SHA_RE
-    from tasks.adapters import continued_method
+    from tasks.training.adapters import continued_method
 
     m, lora = profile.model, profile.lora
     try:
@@ -377,7 +329,7 @@ def resolve_adapter(api, profile: Profile) -> Optional[AdapterRef]:
         raise errors.ProfileError(
             f"lora.method: {lora.method}, but '{m.id}' is a {config['peft_type']} adapter, "
             f"which training continues as it is. Fix: set lora.method to {method}.")
-    from tasks.task_types import TASKS
+    from tasks.model_tasks import TASKS
 
     want = TASKS[m.task].peft_task_type
     if config.get("task_type") not in (None, want):
@@ -440,9 +392,9 @@ def check_adapter_shape(profile: Profile, adapter: AdapterRef, tensors,
                         config: Optional[dict] = None) -> None:
     """The lora section describes the adapter being continued (method, adapted modules
     resolved on the base's linear layers, r, alpha, …)."""
-    from tasks.adapters import structure_mismatches
+    from tasks.training.adapters import structure_mismatches
 
-    linears = memory.linear_modules(tensors, config, profile.model.task)
+    linears = linear_modules(tensors, config, profile.model.task)
     names = [lin.name for lin in linears]
     heads = [lin.name for lin in linears if not lin.in_block]
     wrong = structure_mismatches(profile.lora, adapter.config, names, heads)
@@ -455,7 +407,7 @@ def check_adapter_shape(profile: Profile, adapter: AdapterRef, tensors,
 
 def run_preflight(profile: Profile) -> PreflightReport:
     """All checks, cheapest first. Raises a typed LoraflowError naming cause and fix."""
-    gpus = memory.visible_gpus()
+    gpus = devices.visible_gpus()
     check_loading_options(profile, gpus)
     api = hub_api()
     me = check_token(api)

@@ -27,28 +27,40 @@ from pathlib import Path
 from typing import Optional
 
 from prefect import task
-from pydantic import BaseModel
 
 from profiles.schema import Profile
 from tasks import errors, settings
-from tasks.adapters import adapter_weights_path
-from tasks.caching import (cache_key, changed_files, code_inputs, read_manifest, sha256_file,
-                           write_manifest)
-from tasks.chat_data import resolve_chat_template
-from tasks.dataset import DatasetManifest
-from tasks.launch import accumulation_steps, resolve_launcher, run_torchrun, world
-from tasks.download import SnapshotManifest
-from tasks.preflight import PreflightReport
+from tasks.cache.keys import cache_key, code_inputs
+from tasks.cache.manifest import (
+    changed_files,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from tasks.contracts import (
+    ADAPTER_FILES,
+    RECORD,
+    DatasetManifest,
+    PreflightReport,
+    SnapshotManifest,
+    TrainResult,
+)
+from tasks.data.chat import resolve_chat_template
 from tasks.retry import TRANSIENT_RETRIES
+from tasks.training.adapters import adapter_weights_path
+from tasks.training.launch import (
+    accumulation_steps,
+    resolve_launcher,
+    run_torchrun,
+    world,
+)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Record fields that belong to one execution, not to what the key says: the only parts of
 # a run directory's training outputs that differ between two runs with one key (with
 # train_log.jsonl, the per-attempt log). Everything else is a function of the key.
 PER_RUN_FIELDS = ("flow_run_id", "flow_run_url", "metrics.train_runtime_s",
                   "metrics.peak_gpu_mem_gib", "metrics.resumed_from")
 PER_RUN_FILES = ("train_log.jsonl",)  # STEP_LOG
-RECORD = "record.json"
 STEP_LOG = "train_log.jsonl"
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 # Checkpointing knobs: they change when state is saved, not what is learned (a resumed
@@ -56,16 +68,6 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 # How many processes run it is left out too: global_batch_size keeps the training the
 # same on 1 or N GPUs.
 NOT_IN_KEY = {"save_steps", "save_total_limit", "launcher", "nproc_per_node"}
-
-
-class TrainResult(BaseModel):
-    """What training produced: the run directory, the adapter and its fingerprint."""
-    run_dir: str
-    adapter_dir: str
-    adapter_sha256: str
-    trainable_params: int
-    total_params: int
-    metrics: dict
 
 
 def train_inputs(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetManifest) -> dict:
@@ -181,7 +183,7 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from tasks.task_types import data_collator
+    from tasks.model_tasks import data_collator
 
     t = profile.training
     train_ds = datasets.load_from_disk(str(Path(dataset.path) / "train"))
@@ -221,19 +223,19 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         **({} if t.optimizer == "auto" else {"optim": t.optimizer}),  # auto: fused AdamW
         **_distributed_arguments(profile, model),
     )
-    from tasks.speed import compile_decoder_layers, use_torch_compile
+    from tasks.training.speed import compile_decoder_layers, use_torch_compile
 
     if use_torch_compile(profile, torch.cuda.is_available(), world()[2]):
         compile_decoder_layers(model)
     collator = data_collator(profile.model.task, tokenizer, model)  # labels padded with -100
     if t.packing:
-        from tasks.packing import PackingCollator
+        from tasks.training.packing import PackingCollator
 
         collator = PackingCollator(profile.data.max_length, tokenizer.pad_token_id)
-    from tasks.progress import TrainingProgress  # the run's progress artifact in the UI
+    from tasks.training.progress import TrainingProgress
     callbacks = [TrainingProgress(out.name)]  # the run directory is named by the train key
     if args.gradient_checkpointing and t.checkpoint_layers is not None:
-        from tasks.speed import partial_checkpointing_callback
+        from tasks.training.speed import partial_checkpointing_callback
 
         callbacks.append(partial_checkpointing_callback(t.checkpoint_layers))
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -519,7 +521,7 @@ def _save_gathered_adapter(model, full_state: dict, initial: dict, adapter_dir: 
 
 def with_memory_plan(profile: Profile, preflight: PreflightReport) -> Profile:
     """The profile with the batch and checkpointing preflight chose under
-    training.memory_cap_gib (tasks/memory.py fit_to_cap); the profile itself otherwise.
+    training.memory_cap_gib (tasks/memory/ fit_to_cap); the profile itself otherwise.
     The cache key stays that of the profile as given: the choice follows from it."""
     plan = preflight.memory.training if preflight.memory else None
     if not plan:
@@ -546,11 +548,17 @@ def run_train(profile: Profile, preflight: PreflightReport, snapshot: SnapshotMa
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, set_seed
 
-    from tasks.adapters import (adapter_notes, converts_on_save, name_base, save_adapter,
-                                save_initial_adapter, unchanged_tensors)
-    from tasks.modeling import inject_adapter, load_base_model
-    from tasks.speed import apply_liger, use_liger
-    from tasks.task_types import prepare_tokenizer
+    from tasks.model_tasks import prepare_tokenizer
+    from tasks.training.adapters import (
+        adapter_notes,
+        converts_on_save,
+        name_base,
+        save_adapter,
+        save_initial_adapter,
+        unchanged_tensors,
+    )
+    from tasks.training.modeling import inject_adapter, load_base_model
+    from tasks.training.speed import apply_liger, use_liger
 
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -729,7 +737,7 @@ def train_adapter(profile: Profile, preflight: PreflightReport, snapshot: Snapsh
     train_key; a retry resumes from the last checkpoint."""
     launcher, nproc = resolve_launcher(profile.training)
     if launcher == "single":
-        from tasks.speed import undo_module_patches
+        from tasks.training.speed import undo_module_patches
 
         try:
             return run_train(profile, preflight, snapshot, dataset, flow_run_id)

@@ -10,25 +10,22 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel
 
 from profiles.schema import Profile
 from tasks import errors, settings
-from tasks.caching import stable_hash
-from tasks.download import SnapshotManifest
-from tasks.publish import PublishResult
+from tasks.cache.keys import stable_hash
+from tasks.contracts import (
+    ADAPTER_FILES,
+    RECORD,
+    PublishResult,
+    SnapshotManifest,
+    TrainResult,
+    VerifyResult,
+)
 from tasks.retry import TRANSIENT_RETRIES
-from tasks.train import ADAPTER_FILES, RECORD, TrainResult
 
 PROBE = "Below is an instruction that describes a task. Write a response."
 MATCH_TOLERANCE = 1e-5
-
-
-class VerifyResult(BaseModel):
-    repo_id: str
-    commit: str
-    max_abs_diff_vs_local: float
-    max_abs_diff_vs_base: float
 
 
 def verify_key(publication: PublishResult, train: TrainResult, **_) -> str:
@@ -42,8 +39,8 @@ def run_verify(publication: PublishResult, train: TrainResult, snapshot: Snapsho
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tasks.modeling import load_base_model
-    from tasks.task_types import probe_inputs, record_labels
+    from tasks.model_tasks import probe_inputs, record_labels
+    from tasks.training.modeling import load_base_model
 
     with tempfile.TemporaryDirectory() as empty_cache:
         hub_dir = snapshot_download(publication.repo_id, revision=publication.commit,

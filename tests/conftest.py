@@ -116,7 +116,7 @@ def pattern_dataset(tmp_path_factory):
     prepare_dataset saves them: training at the step level without the dataset step."""
     import datasets
 
-    from tasks.dataset import DatasetManifest
+    from tasks.contracts import DatasetManifest
 
     rows_n, length = 32, 32
     d = tmp_path_factory.mktemp("pattern-data")

@@ -1,7 +1,7 @@
 """Multi-node recipe, step 1 (docs/deployments.md): get a run directory ready for
-`torchrun ... -m tasks.train_worker RUN_DIR/launch.json` on every pod.
+`torchrun ... -m tasks.training.worker RUN_DIR/launch.json` on every pod.
 
-loraflow's own launcher (tasks/launch.py) runs torchrun on one host (--standalone).
+loraflow's own launcher (tasks.training.launch.py) runs torchrun on one host (--standalone).
 Across hosts, every pod must run torchrun itself, so the steps before training run
 here, once: the fine-tuning flow's preflight, download and dataset tasks — with the
 same content-keyed caching, into LORAFLOW_HOME, the volume every pod mounts at the same
@@ -30,12 +30,15 @@ from flows.approval import request_publication  # noqa: E402
 from flows.finetune import cached  # noqa: E402
 from profiles.loader import load_profile  # noqa: E402
 from profiles.schema import Profile  # noqa: E402
-from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset  # noqa: E402
-from tasks.download import (download_is_cached_and_intact, download_key,  # noqa: E402
-                            download_snapshot)
-from tasks.launch import LAUNCH_FILE  # noqa: E402
-from tasks.preflight import preflight  # noqa: E402
-from tasks.train import run_dir_for, train_key  # noqa: E402
+from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
+from tasks.download import (
+    download_is_cached_and_intact,
+    download_key,
+    download_snapshot,
+)
+from tasks.preflight import preflight
+from tasks.train import run_dir_for, train_key
+from tasks.training.launch import LAUNCH_FILE
 
 
 @flow(name="loraflow-prepare-multinode", log_prints=True)

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from deploy_stack import get_stack
 
 pytestmark = pytest.mark.browser

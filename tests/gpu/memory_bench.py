@@ -1,7 +1,7 @@
 """Measure the peak memory of loraflow's own training path and compare it with the
-preflight estimate (tasks/memory.py) for the same profile.
+preflight estimate (tasks/memory/) for the same profile.
 
-The path is the pipeline's: tasks.modeling.load_base_model + inject_adapter, then
+The path is the pipeline's: tasks.training.modeling.load_base_model + inject_adapter, then
 tasks.train.build_trainer's Trainer over a prepared dataset on disk, for a few steps.
 Rows are exactly data.max_length tokens (random ids over the whole vocabulary), so the
 estimate's worst case (full-length batches) is what runs.
@@ -31,7 +31,7 @@ def write_dataset(directory: Path, rows: int, length: int, vocab: int, seed: int
     import datasets
     import numpy as np
 
-    from tasks.dataset import DatasetManifest
+    from tasks.contracts import DatasetManifest
 
     rs = np.random.RandomState(seed)
     ids = rs.randint(4, vocab, size=(rows, length)).tolist()
@@ -47,9 +47,10 @@ def measure(profile, checkpoint: Path, work: Path, steps: int = 3) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from tasks.memory import estimate_training_memory, read_safetensors_headers
-    from tasks.modeling import inject_adapter, load_base_model
+    from tasks.memory.estimate import estimate_training_memory
+    from tasks.memory.tensors import read_safetensors_headers
     from tasks.train import build_trainer
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     config = json.loads((checkpoint / "config.json").read_text())
     est = estimate_training_memory(profile, read_safetensors_headers(checkpoint), config,

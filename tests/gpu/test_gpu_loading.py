@@ -32,8 +32,9 @@ def test_quantized_loading(case, checkpoints):
     import bitsandbytes as bnb
     import torch
 
-    from tasks.memory import estimate_training_memory, read_safetensors_headers
-    from tasks.modeling import load_base_model
+    from tasks.memory.estimate import estimate_training_memory
+    from tasks.memory.tensors import read_safetensors_headers
+    from tasks.training.modeling import load_base_model
 
     ckpt = checkpoints("1b")
     profile = _profile(*QUANT_CASES[case])
@@ -78,7 +79,7 @@ def test_quantized_loading(case, checkpoints):
 def test_bf16_attention_implementations_agree_and_train(checkpoints):
     import torch
 
-    from tasks.modeling import inject_adapter, load_base_model
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     ckpt = checkpoints("1b-2layer")
     ids = torch.randint(4, 30000, (2, 256), device="cuda")
@@ -111,7 +112,7 @@ def test_flash_attention_2_is_refused_in_preflight_unless_installed():
 
     from tasks import preflight
     from tasks.errors import ProfileError
-    from tasks.memory import visible_gpus
+    from tasks.memory.devices import visible_gpus
 
     p = _profile("model.attn_implementation=flash_attention_2")
     if importlib.util.find_spec("flash_attn") is None:
@@ -124,8 +125,8 @@ def test_flash_attention_2_is_refused_in_preflight_unless_installed():
 def test_device_map_auto_and_max_memory(checkpoints):
     import torch
 
-    from tasks.memory import visible_gpus
-    from tasks.modeling import load_base_model
+    from tasks.memory.devices import visible_gpus
+    from tasks.training.modeling import load_base_model
 
     gpus = visible_gpus()
     assert gpus and gpus[0].total_bytes > 10 * 2**30          # nvidia-smi was read

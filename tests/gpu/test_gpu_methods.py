@@ -28,9 +28,7 @@ CASES = {
 def train(checkpoint, tmp_path, monkeypatch, sets):
     import datasets
 
-    from tasks.dataset import DatasetManifest
-    from tasks.download import SnapshotManifest
-    from tasks.preflight import PreflightReport
+    from tasks.contracts import DatasetManifest, PreflightReport, SnapshotManifest
     from tasks.train import run_train
 
     monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path / "home"))
@@ -68,7 +66,7 @@ def test_each_adapter_method_learns_through_run_train(case, checkpoints, tmp_pat
            last_loss=losses[-1], losses=losses,
            train_runtime_s=rec["metrics"]["train_runtime_s"])
     # run_train itself refuses an adapter with a tensor that did not change.
-    from tasks.speed import liger_installed
+    from tasks.training.speed import liger_installed
 
     assert rec["speed"] == {"liger_kernel": liger_installed(),
                             "torch_compile": case == "lora-packed"}

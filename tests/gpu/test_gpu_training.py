@@ -1,6 +1,6 @@
 """On a CUDA GPU: QLoRA learns, and the preflight memory estimate is within ±25% of the
 peak memory loraflow's own training path allocates (four configurations; the constants
-in tasks/memory.py were fixed before any of them was measured)."""
+in tasks/memory/ were fixed before any of them was measured)."""
 from __future__ import annotations
 
 import pytest
@@ -34,7 +34,7 @@ MEMORY_CASES["8b-bf16-qv-bs1-seq2048"] = ("8b", [
 def test_qlora_20_steps_lower_the_loss_on_a_fixed_batch(checkpoints):
     import torch
 
-    from tasks.modeling import inject_adapter, load_base_model
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     p = bench_profile(["model.dtype=bfloat16", "quantization.mode=nf4", "lora.dropout=0",
                        "model.device_map={'': 0}"])

@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+from homes import loraflow_home  # tests/
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
 from tasks.errors import ProfileError
-from homes import loraflow_home  # tests/
 
 ADAPTER = "tinylabs/tiny-llama-lora"
 BASE = "tinylabs/tiny-llama"

@@ -1,9 +1,9 @@
 """Every adapter option that trains on CPU, one factor at a time, through the pipeline's
-own code: the tiny seeded Llama loaded by tasks.modeling, the adapter attached by
-tasks.adapters (via inject_adapter), trained by tasks.train.build_trainer's Trainer,
-saved by tasks.adapters.save_adapter. Each case asserts that
+own code: the tiny seeded Llama loaded by tasks.training.modeling, the adapter attached by
+tasks.training.adapters (via inject_adapter), trained by tasks.train.build_trainer's Trainer,
+saved by tasks.training.adapters.save_adapter. Each case asserts that
 
-- peft wrapped exactly the modules tasks.adapters.targeted_names predicts (the rule
+- peft wrapped exactly the modules tasks.training.adapters.targeted_names predicts (the rule
   preflight applies to the safetensors headers);
 - every trainable tensor changed, and the loss fell;
 - the saved adapter reloads on a freshly loaded base with identical outputs (pissa /
@@ -16,8 +16,6 @@ mode (LoRA + LoHa together, inference only).
 from __future__ import annotations
 
 import json
-from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
@@ -111,8 +109,8 @@ def _run_case(case, tiny_llama_dir, pattern_dataset, tmp_root) -> Trained:
         return _STATE[case]
     from transformers import set_seed
 
-    from tasks import adapters
-    from tasks.modeling import inject_adapter, load_base_model
+    from tasks.training import adapters
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     profile = _profile(CASES[case])
     out = tmp_root / case
@@ -143,7 +141,7 @@ def test_each_adapter_option_trains_and_reloads(case, tiny_llama_dir, pattern_da
     import torch
     from peft import PeftModel
 
-    from tasks.modeling import load_base_model
+    from tasks.training.modeling import load_base_model
 
     t = _run_case(case, tiny_llama_dir, pattern_dataset, tmp_root)
     lora = t.profile.lora
@@ -185,8 +183,8 @@ def test_each_adapter_option_trains_and_reloads(case, tiny_llama_dir, pattern_da
 def test_two_named_adapters_on_one_model(tiny_llama_dir, pattern_dataset, tmp_path):
     import torch
 
-    from tasks import adapters
-    from tasks.modeling import inject_adapter, load_base_model
+    from tasks.training import adapters
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     first = _profile(["lora.adapter_name=first", "lora.target_modules=[q_proj, v_proj]"])
     second = _profile(["lora.adapter_name=second", "lora.r=4", "lora.init=gaussian"])
@@ -231,8 +229,8 @@ def test_continuing_a_saved_adapter_starts_from_its_weights(tiny_llama_dir, patt
     import torch
     from safetensors.torch import load_file
 
-    from tasks import adapters
-    from tasks.modeling import inject_adapter, load_base_model
+    from tasks.training import adapters
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     t = _run_case("lora", tiny_llama_dir, pattern_dataset, tmp_root)
     profile = _profile(["training.learning_rate=0.001"], steps=6)
@@ -272,8 +270,8 @@ def test_mixed_lora_and_loha_for_inference(tiny_llama_dir, pattern_dataset, tmp_
     import torch
     from peft import PeftModel
 
-    from tasks import adapters
-    from tasks.modeling import load_base_model
+    from tasks.training import adapters
+    from tasks.training.modeling import load_base_model
 
     lora = _run_case("lora", tiny_llama_dir, pattern_dataset, tmp_root)
     loha = _run_case("loha", tiny_llama_dir, pattern_dataset, tmp_root)

@@ -127,7 +127,7 @@ def _loads(task: str, repo_dir: str, head: dict):
 def _logits(model, tokenizer, task: str):
     import torch
 
-    from tasks.task_types import probe_inputs
+    from tasks.model_tasks import probe_inputs
 
     with torch.no_grad():
         return model(**probe_inputs(task, tokenizer, model, PROBE)).logits
@@ -141,8 +141,8 @@ def test_architecture_trains_publishes_and_reloads(name, arch_hub, hub, as_user,
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, pipeline
 
-    from tasks.modeling import load_base_model
-    from tasks.task_types import head_kwargs, record_labels
+    from tasks.model_tasks import head_kwargs, record_labels
+    from tasks.training.modeling import load_base_model
 
     case = CASES[name]
     report = _run(case, name, as_user)

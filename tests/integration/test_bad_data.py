@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 import pytest
+from homes import loraflow_home  # tests/
 
 from flows.cli import main as cli_main
-from homes import loraflow_home  # tests/
 
 REPO = "loraflow-demo/bad-data-never-published"
 HUB_DATA = "loraflow-demo/bad-rows"

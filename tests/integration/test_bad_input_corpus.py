@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 
 import pytest
+from homes import loraflow_home  # tests/
 
 import flows.finetune  # noqa: F401 — Prefect configures its loggers at import, not mid-case
 from flows.cli import main as cli_main
-from homes import loraflow_home  # tests/
 
 REPO = "loraflow-demo/bad-input-never-published"
 PUBLIC_REPO = "loraflow-demo/bad-input-public"

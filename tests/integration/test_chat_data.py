@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from homes import loraflow_home  # tests/
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
-from homes import loraflow_home  # tests/
 
 REPO = Path(__file__).resolve().parents[2]
 

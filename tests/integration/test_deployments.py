@@ -14,7 +14,6 @@ import time
 
 import pytest
 import yaml
-
 from deploy_stack import PREFECT_FILE, anchor_in, get_stack
 
 NIGHTLY_DATA = "loraflow-demo/nightly-data"

@@ -24,10 +24,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from homes import loraflow_home  # tests/
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
-from homes import loraflow_home  # tests/
 
 BASE = "tinylabs/tiny-llama"
 NS = "loraflow-demo"
@@ -115,8 +115,8 @@ def fresh_bytes(warm, hub, as_user):
 
 
 def _download_dir(report: dict) -> Path:
+    from tasks.contracts import ModelRef
     from tasks.download import download_dir
-    from tasks.preflight import ModelRef
 
     return download_dir(ModelRef(repo_id=BASE, revision="main",
                                  commit=report["base_model"]["commit"], gated=True))
@@ -137,7 +137,7 @@ def _listing(hub) -> dict:
 def _assert_downloads_intact(hub, home: Path) -> None:
     """No corrupted cache entry: every download dir under `home` has a manifest, its files are
     as recorded and match the Hub's hashes, and no temporary file is left."""
-    from tasks.caching import changed_files, read_manifest, sha256_file
+    from tasks.cache.manifest import changed_files, read_manifest, sha256_file
 
     listing = _listing(hub)
     dirs = [d for d in (home / "downloads").iterdir() if d.is_dir()]
@@ -460,7 +460,7 @@ def small_disk(session_dir):
 
 def test_disk_full_during_download_is_one_clear_error_and_the_next_run_succeeds(
         warm, fresh_bytes, hub, as_user, small_disk, monkeypatch):
-    from tasks.caching import read_manifest
+    from tasks.cache.manifest import read_manifest
 
     home = small_disk / "loraflow"
     monkeypatch.setenv("LORAFLOW_HOME", str(home))

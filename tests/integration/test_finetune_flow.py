@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from homes import loraflow_home  # tests/
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
-from homes import loraflow_home  # tests/
 
 REPO = "loraflow-demo/e2e-adapter"  # this module's own repo: its tags start at v1
 BASE = "tinylabs/tiny-llama"

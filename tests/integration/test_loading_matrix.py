@@ -1,5 +1,5 @@
 """Every loading option that trains on CPU, through the pipeline's own code: the tiny
-seeded Llama loaded by tasks.modeling (dtype, attention, bitsandbytes int8 / 4-bit,
+seeded Llama loaded by tasks.training.modeling (dtype, attention, bitsandbytes int8 / 4-bit,
 device_map cpu), LoRA injected, trained by tasks.train.build_trainer's Trainer. Each case
 asserts that every adapter tensor changed, the loss fell, and the saved adapter reloads
 on a freshly loaded base with identical outputs.
@@ -47,8 +47,8 @@ def test_each_cpu_loading_option_trains_and_reloads(case, tiny_llama_dir, patter
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
 
-    from tasks.modeling import inject_adapter, load_base_model
     from tasks.train import build_trainer
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     profile = _profile(CASES[case])
     set_seed(0)
@@ -114,7 +114,7 @@ def test_cpu_4bit_eval_forward_leaves_gradients_alone(tiny_llama_dir):
     import bitsandbytes as bnb
     import torch
 
-    from tasks.modeling import inject_adapter, load_base_model
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     profile = _profile(["quantization.mode=nf4", "quantization.compute_dtype=float32"])
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]] * 2)

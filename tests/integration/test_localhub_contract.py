@@ -22,9 +22,8 @@ from pathlib import Path
 # Must be set before huggingface_hub is imported: newer clients push LFS files through Xet otherwise.
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 
-import pytest  # noqa: E402
-
 import huggingface_hub  # noqa: E402
+import pytest  # noqa: E402
 from huggingface_hub import (  # noqa: E402
     CommitOperationAdd,
     HfApi,

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from k8s_render import effective_env, render_multinode  # tests/
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from profiles.loader import load_profile
-from tasks import memory
+from tasks.contracts import GiB, Gpu
 from tasks.errors import ProfileError
-from tasks.memory import GiB, Gpu
+from tasks.memory import devices
+from tasks.memory.fit import InsufficientMemoryError
 from tasks.preflight import run_preflight
 
 BASE = "tinylabs/tiny-llama"
@@ -20,7 +21,7 @@ def _weight_requests(hub, since: int) -> list[dict]:
 
 
 def test_estimate_comes_from_a_ranged_read_of_the_headers(hub, as_user, monkeypatch):
-    monkeypatch.setattr(memory, "visible_gpus", lambda: [])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [])
     before = len(hub.requests())
     with as_user("demo"):
         report = run_preflight(load_profile("quickstart"))
@@ -37,11 +38,11 @@ def test_estimate_comes_from_a_ranged_read_of_the_headers(hub, as_user, monkeypa
 
 def test_a_run_too_big_for_the_gpu_fails_in_preflight_with_fixes(hub, as_user, monkeypatch):
     small = Gpu(index=0, name="small", total_bytes=3 * GiB, free_bytes=3 * GiB)
-    monkeypatch.setattr(memory, "visible_gpus", lambda: [small])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [small])
     profile = load_profile("quickstart", ["training.per_device_batch_size=512",
                                           "data.max_length=512"])
     before = len(hub.requests())
-    with as_user("demo"), pytest.raises(memory.InsufficientMemoryError) as err:
+    with as_user("demo"), pytest.raises(InsufficientMemoryError) as err:
         run_preflight(profile)
     msg = str(err.value)
     assert "training.per_device_batch_size" in msg and "gpu:0" in msg
@@ -60,7 +61,7 @@ def test_a_run_too_big_for_the_gpu_fails_in_preflight_with_fixes(hub, as_user, m
 
 
 def test_target_modules_that_do_not_exist_fail_before_download(hub, as_user, monkeypatch):
-    monkeypatch.setattr(memory, "visible_gpus", lambda: [])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [])
     before = len(hub.requests())
     with as_user("demo"), pytest.raises(ProfileError) as err:
         run_preflight(load_profile("quickstart", ["lora.target_modules=[q_proj, qkv]"]))

@@ -226,8 +226,11 @@ def test_model_ids_and_deployment_parameters_are_checked_on_the_field():
     """model.id / model.base_id refuse what the Hub refuses; a deployment's parameters
     are refused by the same rule through Prefect's own parameter validation (the JSON
     schema the UI and API check)."""
-    from prefect.utilities.schema_tools.validation import (build_error_obj,
-                                                           is_valid_schema, validate)
+    from prefect.utilities.schema_tools.validation import (
+        build_error_obj,
+        is_valid_schema,
+        validate,
+    )
 
     from profiles.schema import Profile
     from tasks.errors import ProfileError

@@ -194,7 +194,7 @@ def test_damaged_outputs_are_repaired_not_redone(hub, as_user, home):
     fetched = [r for r in hub.requests()[before:] if r["method"] == "GET"
                and r["path"].endswith("/model.safetensors") and r["status"] == 200]
     assert len(fetched) == 1
-    from tasks.caching import sha256_file
+    from tasks.cache.manifest import sha256_file
 
     manifest = json.loads((shard.parent.parent / "manifest.json").read_text())
     assert sha256_file(shard) == manifest["files"]["files/model.safetensors"]["sha256"]
@@ -214,10 +214,10 @@ def test_an_interrupted_download_keeps_what_completed_and_fetches_the_rest(hub, 
     """What a process killed mid-download leaves — no manifest, one file missing, an orphan
     temporary file, a small file with other bytes — is repaired: only the missing and the
     bad files are fetched; the dataset step's half-written output is dropped the same way."""
-    from tasks.caching import read_manifest, sha256_file
+    from tasks.cache.manifest import read_manifest, sha256_file
+    from tasks.contracts import DatasetRef, ModelRef
     from tasks.dataset import run_prepare_dataset
     from tasks.download import run_download
-    from tasks.preflight import DatasetRef, ModelRef
 
     model = ModelRef(repo_id="tinylabs/tiny-llama", revision="main",
                      commit=hub.commit("tinylabs/tiny-llama"), gated=True)

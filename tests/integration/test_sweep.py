@@ -1,8 +1,6 @@
 """The sweep: 4 variants as separate flow runs under a limit of 2 trainings at once."""
 from __future__ import annotations
 
-import pytest
-
 from flows.sweep import expand_grid, max_overlap, sweep
 from profiles.loader import load_profile
 

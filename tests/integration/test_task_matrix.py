@@ -1,6 +1,6 @@
 """Every task type through the pipeline's own code, on CPU: the seeded tiny models (Llama
 for causal-lm, BERT for sequence / token classification, T5 for seq2seq) and the seeded
-task datasets, tokenized by tasks.dataset, loaded by tasks.modeling with the task's Auto
+task datasets, tokenized by tasks.dataset, loaded by tasks.training.modeling with the task's Auto
 class, LoRA injected with the task's peft TaskType, trained by tasks.train.build_trainer.
 Each case asserts that every adapter tensor changed, the loss fell, and the saved adapter
 reloads on a freshly loaded base with identical outputs.
@@ -63,10 +63,9 @@ def _profile(task: str, fmt: str, dataset: Path, steps: int = 12, extra=()):
 
 
 def _prepare(profile, base_dir: Path):
-    from tasks.caching import sha256_file
+    from tasks.cache.manifest import sha256_file
+    from tasks.contracts import DatasetRef, SnapshotManifest
     from tasks.dataset import run_prepare_dataset
-    from tasks.download import SnapshotManifest
-    from tasks.preflight import DatasetRef
 
     path = Path(profile.data.dataset)
     snapshot = SnapshotManifest(
@@ -83,9 +82,9 @@ def test_each_task_type_trains_and_reloads(task, seeds, tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer, set_seed
 
-    from tasks.modeling import inject_adapter, load_base_model
-    from tasks.task_types import prepare_tokenizer, probe_inputs, task_type
+    from tasks.model_tasks import prepare_tokenizer, probe_inputs, task_type
     from tasks.train import build_trainer
+    from tasks.training.modeling import inject_adapter, load_base_model
 
     bases, data = seeds
     base_name, rows, fmt, steps = CASES[task]
@@ -148,7 +147,7 @@ def test_each_task_type_trains_and_reloads(task, seeds, tmp_path):
 def test_load_base_model_refuses_a_task_the_config_cannot_do_before_reading_weights(seeds,
                                                                                      tmp_path):
     from tasks.errors import ProfileError
-    from tasks.modeling import load_base_model
+    from tasks.training.modeling import load_base_model
 
     bases, data = seeds
     # Only the config: loading weights would fail differently, so the refusal came first.
@@ -183,8 +182,12 @@ def test_preflight_refuses_seq2seq_on_llama_before_any_weight(hub, as_user):
 
 def test_seeded_task_models_load_from_localhub_with_their_auto_classes(hub, tmp_path):
     from huggingface_hub import snapshot_download
-    from transformers import (AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification, AutoTokenizer)
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
 
     for repo, auto in (("tinylabs/tiny-bert", AutoModelForSequenceClassification),
                        ("tinylabs/tiny-bert", AutoModelForTokenClassification),

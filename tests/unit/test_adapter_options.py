@@ -6,8 +6,14 @@ import pytest
 
 from localhub import seed_adapters, seed_data
 from profiles.loader import load_profile
-from tasks import adapters, memory
 from tasks.errors import ProfileError
+from tasks.memory.estimate import estimate_training_memory
+from tasks.memory.tensors import (
+    check_target_modules,
+    linear_modules,
+    read_safetensors_headers,
+)
+from tasks.training import adapters
 
 # The tiny seeded Llama's weights by name, dtype and shape: what preflight reads from headers.
 TENSORS = {name: ("F32", list(arr.shape)) for name, arr in seed_data.model_tensors(512).items()}
@@ -85,11 +91,11 @@ def test_each_method_has_a_peft_config_with_the_mapped_fields():
 # ------------------------------------------------------------------ module matching
 
 def _check(*sets):
-    memory.check_target_modules(_lora(*sets), TENSORS)
+    check_target_modules(_lora(*sets), TENSORS)
 
 
 def _targeted(*sets):
-    linears = memory.linear_modules(TENSORS)
+    linears = linear_modules(TENSORS)
     return adapters.targeted_names(_lora(*sets), [m.name for m in linears],
                                    [m.name for m in linears if not m.in_block])
 
@@ -131,13 +137,13 @@ def test_memory_estimate_counts_each_methods_parameters():
 
     tensors = llama_tensors(LLAMA_3_2_1B)
     shape = {"ia3": ["lora.r=8", "lora.alpha=16"]}  # the preset's r 16 is LoRA's
-    est = {m: memory.estimate_training_memory(
+    est = {m: estimate_training_memory(
         load_profile("llama-3.2-1b-lora", [f"lora.method={m}", "lora.dropout=0",
                                            *shape.get(m, [])]),
         tensors, LLAMA_3_2_1B).adapter_parameters for m in ("lora", "loha", "lokr", "ia3")}
     assert est["loha"] == 2 * est["lora"]
     assert est["ia3"] < est["lokr"] < est["lora"]
-    regex = memory.estimate_training_memory(
+    regex = estimate_training_memory(
         load_profile("llama-3.2-1b-lora", [r"lora.target_modules=.*\.layers\.0\.self_attn\.q_proj"]),
         tensors, LLAMA_3_2_1B).adapter_parameters
     assert regex == 16 * (2048 + 2048)       # r 16, one 2048×2048 module
@@ -149,7 +155,7 @@ SEEDED = __import__("json").loads(seed_adapters.adapter_config_json("0" * 40))
 
 
 def _linears():
-    linears = memory.linear_modules(TENSORS)
+    linears = linear_modules(TENSORS)
     return [m.name for m in linears], [m.name for m in linears if not m.in_block]
 
 
@@ -186,7 +192,7 @@ def _tiny(arch: str, tmp_path):
 
     directory = build(ARCHS[arch], tmp_path / arch)
     config = json.loads((directory / "config.json").read_text())
-    return directory, config, memory.read_safetensors_headers(directory)
+    return directory, config, read_safetensors_headers(directory)
 
 
 def _peft_targets(directory, lora):
@@ -206,8 +212,8 @@ def test_gpt2_conv1d_layers_are_targets_in_preflight_and_in_peft(sets, tmp_path)
 
     directory, config, tensors = _tiny("arch-gpt2", tmp_path)
     lora = _lora(*sets)
-    memory.check_target_modules(lora, tensors, config)  # no "only lm_head exists"
-    linears = memory.linear_modules(tensors, config)
+    check_target_modules(lora, tensors, config)  # no "only lm_head exists"
+    linears = linear_modules(tensors, config)
     ours = sorted(adapters.targeted_names(lora, [m.name for m in linears],
                                           [m.name for m in linears if not m.in_block]))
     with warnings.catch_warnings():
@@ -221,12 +227,12 @@ def test_gpt2_conv1d_layers_are_targets_in_preflight_and_in_peft(sets, tmp_path)
 
 def test_conv1d_shapes_are_read_in_out_and_the_estimate_counts_peft_parameters(tmp_path):
     directory, config, tensors = _tiny("arch-gpt2", tmp_path)
-    c_fc = next(m for m in memory.linear_modules(tensors, config) if m.leaf == "c_fc")
+    c_fc = next(m for m in linear_modules(tensors, config) if m.leaf == "c_fc")
     assert (c_fc.in_features, c_fc.out_features) == (64, 256)   # Conv1D weight is [in, out]
     profile = load_profile("quickstart", ["model.dtype=float32"])
     model, _ = _peft_targets(directory, profile.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    estimate = memory.estimate_training_memory(profile, tensors, config, on_gpu=False)
+    estimate = estimate_training_memory(profile, tensors, config, on_gpu=False)
     assert estimate.adapter_parameters == trainable
 
 
@@ -239,10 +245,10 @@ def test_a_tied_head_passes_preflight_and_peft_adapts_it(arch, sets, tmp_path):
     if arch == "arch-gpt2":
         sets = [s.replace("q_proj, v_proj", "c_attn") for s in sets]
     lora = _lora(*sets)
-    memory.check_target_modules(lora, tensors, config)  # was: "name no module"
-    head = next(m for m in memory.linear_modules(tensors, config) if m.name == "lm_head")
+    check_target_modules(lora, tensors, config)  # was: "name no module"
+    head = next(m for m in linear_modules(tensors, config) if m.name == "lm_head")
     assert head.tied_to and head.out_features == config["vocab_size"]
-    linears = memory.linear_modules(tensors, config)
+    linears = linear_modules(tensors, config)
     ours = sorted(adapters.targeted_names(lora, [m.name for m in linears],
                                           [m.name for m in linears if not m.in_block]))
     model, theirs = _peft_targets(directory, lora)
@@ -260,17 +266,18 @@ def test_a_tied_head_passes_preflight_and_peft_adapts_it(arch, sets, tmp_path):
 
 def test_a_tied_head_is_listed_only_where_the_task_s_class_has_one(tmp_path):
     _, config, tensors = _tiny("arch-llama", tmp_path)
-    head = next(m for m in memory.linear_modules(tensors, config) if m.name == "lm_head")
+    head = next(m for m in linear_modules(tensors, config) if m.name == "lm_head")
     assert head.tied_to is None                      # untied: the file's own lm_head
     _, config, tensors = _tiny("arch-qwen2", tmp_path)
-    names = [m.name for m in memory.linear_modules(tensors, config, "seq-classification")]
+    names = [m.name for m in linear_modules(tensors, config, "seq-classification")]
     assert "lm_head" not in names                    # Qwen2ForSequenceClassification: score
-    assert "lm_head" in [m.name for m in memory.linear_modules(tensors, config)]
+    assert "lm_head" in [m.name for m in linear_modules(tensors, config)]
 
 
 def test_liger_stays_off_where_its_fused_loss_would_bypass_an_adapted_lm_head(monkeypatch):
-    from tasks import preflight, speed
-    from tasks.memory import Gpu
+    from tasks import preflight
+    from tasks.contracts import Gpu
+    from tasks.training import speed
 
     monkeypatch.setattr(speed, "liger_installed", lambda: True)  # a GPU machine with Liger
     monkeypatch.setattr(speed, "liger_model_types", lambda: frozenset({"llama", "qwen2"}))
@@ -299,8 +306,7 @@ def test_a_merged_export_of_a_tied_head_is_untied_and_reproduces_the_adapter(set
     from transformers import AutoModelForCausalLM
 
     from tasks import errors, merge
-    from tasks.download import SnapshotManifest
-    from tasks.train import TrainResult
+    from tasks.contracts import SnapshotManifest, TrainResult
 
     directory, _, _ = _tiny("arch-llama-tied", tmp_path)
     profile = load_profile("quickstart", sets)

@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks import caching, settings
-from tasks.caching import (OrphanBreakingLockManager, changed_files, code_closure, code_version,
-                           expire_if_damaged, outputs_intact, write_manifest)
+from tasks import settings
+from tasks.cache import manifest
+from tasks.cache.keys import (
+    cache_key,
+    code_closure,
+    code_version,
+    stable_hash,
+    step_of_key,
+)
+from tasks.cache.locks import OrphanBreakingLockManager
+from tasks.cache.manifest import changed_files, outputs_intact, write_manifest
+from tasks.cache.policy import cache_options, expire_if_damaged
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,11 +32,11 @@ def test_code_version_covers_imported_loraflow_modules_lazy_ones_included():
     assert "tasks.preflight" in download  # SNAPSHOT_PATTERNS and ModelRef come from there
     assert {"tasks", "tasks.caching", "profiles.schema"} <= set(download)
     train = code_closure("tasks.train")
-    assert "tasks.modeling" in train  # imported inside run_train only
+    assert "tasks.training.modeling" in train  # imported inside run_train only
     assert {"tasks.dataset", "tasks.download"} <= set(train)
     # The card is rendered at publish time, not stored by training: editing it must not
     # retrain.
-    assert "tasks.modelcard" not in train
+    assert "tasks.publication.modelcard" not in train
     assert all(m.split(".")[0] in ("tasks", "profiles", "flows") for m in train)
     assert len(code_version("tasks.train")) == 16
     with pytest.raises(ValueError, match="no source"):
@@ -44,10 +53,10 @@ def test_editing_a_helper_rekeys_exactly_the_steps_that_import_it(tmp_path):
     _copy_tree(tmp_path)
     script = """
 import json, pathlib, sys
-import tasks.caching
-from tasks.caching import code_version
-assert pathlib.Path(tasks.caching.__file__).resolve().is_relative_to(pathlib.Path.cwd()), \
-    tasks.caching.__file__
+import tasks.cache.keys
+from tasks.cache.keys import code_version
+assert pathlib.Path(tasks.cache.keys.__file__).resolve().is_relative_to(pathlib.Path.cwd()), \
+    tasks.cache.keys.__file__
 steps = ("tasks.download", "tasks.dataset", "tasks.train")
 versions = lambda: {m: code_version(m) for m in steps}
 out = {"before": versions()}
@@ -86,8 +95,8 @@ def test_hit_check_rehashes_only_files_whose_stat_changed(tmp_path, monkeypatch)
     _fill(out)
     write_manifest(out, {"inputs": {"x": 1}})
     hashed = []
-    real = caching.sha256_file
-    monkeypatch.setattr(caching, "sha256_file",
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file",
                         lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
     assert outputs_intact(out) and hashed == []  # size + mtime as recorded: no reads
 
@@ -116,12 +125,12 @@ def test_manifest_lists_size_sha256_mtime_and_inputs(tmp_path):
 
 
 def test_cache_key_names_the_step_and_paths_are_not_content():
-    key = caching.cache_key("train", {"a": 1})
+    key = cache_key("train", {"a": 1})
     assert key.startswith("train-") and len(key) == len("train-") + 64
-    assert caching.step_of_key(key) == "train" and caching.step_of_key("abc") is None
-    assert key != caching.cache_key("train", {"a": 2})
+    assert step_of_key(key) == "train" and step_of_key("abc") is None
+    assert key != cache_key("train", {"a": 2})
     with pytest.raises(TypeError, match="paths are not content"):
-        caching.stable_hash(Path("/tmp/x"))
+        stable_hash(Path("/tmp/x"))
 
 
 def test_a_record_whose_outputs_are_damaged_is_expired_under_the_lock(tmp_path):
@@ -161,13 +170,13 @@ def test_unusable_storage_settings_fail_with_the_variable_named(monkeypatch, tmp
 
     monkeypatch.setenv("LORAFLOW_RESULT_STORAGE", "s3://bucket/results")
     with pytest.raises(SettingsError, match="LORAFLOW_RESULT_STORAGE.*a URL.*Fix"):
-        caching.cache_options(lambda **_: "k")
+        cache_options(lambda **_: "k")
     monkeypatch.setenv("LORAFLOW_RESULT_STORAGE", "local-file-system/no-such-block-here")
     with pytest.raises(SettingsError, match="no saved Prefect block.*Fix"):
-        caching.cache_options(lambda **_: "k")
+        cache_options(lambda **_: "k")
     monkeypatch.setenv("LORAFLOW_RESULT_STORAGE", str(tmp_path))
     monkeypatch.setenv("LORAFLOW_LOCK_LEASE_S", "-3")
     with pytest.raises(SettingsError, match="LORAFLOW_LOCK_LEASE_S"):
-        caching.cache_options(lambda **_: "k")
+        cache_options(lambda **_: "k")
     monkeypatch.delenv("LORAFLOW_LOCK_LEASE_S")
-    assert caching.cache_options(lambda **_: "k")["result_storage"] == tmp_path
+    assert cache_options(lambda **_: "k")["result_storage"] == tmp_path

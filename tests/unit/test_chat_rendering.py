@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from localhub.seed_tokenizers import build_tokenizer, end_of_turn_token, tokenizer_files
+from localhub.seed_tokenizers import end_of_turn_token, tokenizer_files
 from profiles.schema import DataSection
 from tasks.errors import DatasetError
 
@@ -68,7 +68,7 @@ def home(tmp_path, monkeypatch):
 
 
 def snapshot_of(directory: Path):
-    from tasks.download import SnapshotManifest
+    from tasks.contracts import SnapshotManifest
 
     files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size,
                                                    "sha256": hashlib.sha256(
@@ -85,8 +85,8 @@ def prepare(tmp_path: Path, tok_dir: Path, rows: list[dict], suffix=".jsonl", **
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tasks.contracts import DatasetRef
     from tasks.dataset import run_prepare_dataset
-    from tasks.preflight import DatasetRef
 
     path = tmp_path / f"rows-{len(list(tmp_path.glob('rows-*')))}{suffix}"
     if suffix == ".parquet":
@@ -237,9 +237,9 @@ def test_chat_template_from_a_file_or_a_name_and_keyed_by_content(tokenizers_dir
                                                                   tmp_path):
     from transformers import AutoTokenizer
 
-    from tasks.chat_data import resolve_chat_template
+    from tasks.contracts import DatasetRef
+    from tasks.data.chat import resolve_chat_template
     from tasks.dataset import dataset_key
-    from tasks.preflight import DatasetRef
 
     plain = ("{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + eos_token + '\n' }}"
              "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from profiles.schema import DataSection
-from tasks.data_reading import REQUIRED_COLUMNS, check_columns, diagnose_file, load_rows
+from tasks.contracts import DatasetRef
+from tasks.data.reading import REQUIRED_COLUMNS, check_columns, diagnose_file, load_rows
 from tasks.errors import DatasetError
-from tasks.preflight import DatasetRef
 
 
 def test_a_bad_byte_past_the_first_chunk_is_found_where_the_codec_finds_it(tmp_path):

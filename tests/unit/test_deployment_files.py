@@ -7,8 +7,13 @@ import re
 import pytest
 import yaml
 
-from flows.deploy import (PREFECT_FILE, automation_payload, read_automations, read_deployments,
-                          read_work_pools)
+from flows.deploy import (
+    PREFECT_FILE,
+    automation_payload,
+    read_automations,
+    read_deployments,
+    read_work_pools,
+)
 from profiles.schema import Profile, presets_dir
 
 PRESETS = sorted(p.stem for p in presets_dir().glob("*.yaml"))

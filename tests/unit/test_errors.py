@@ -10,8 +10,13 @@ import socket
 
 import pytest
 
-from tasks.errors import (GatedRepoError, TransientHubError, is_transient,
-                          translate_hub_error, unreachable_hub_error)
+from tasks.errors import (
+    GatedRepoError,
+    TransientHubError,
+    is_transient,
+    translate_hub_error,
+    unreachable_hub_error,
+)
 
 
 @pytest.fixture()

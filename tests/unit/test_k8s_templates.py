@@ -14,10 +14,17 @@ import re
 import subprocess
 
 import pytest
+from k8s_render import (  # tests/
+    K8S_POOLS,
+    MULTIGPU,
+    MULTINODE,
+    POOLS,
+    effective_env,
+    render_multinode,
+    render_pool,
+)
 
 from flows.deploy import DEPLOYMENTS_DIR
-from k8s_render import (K8S_POOLS, MULTIGPU, MULTINODE, POOLS, effective_env,  # tests/
-                        render_multinode, render_pool)
 
 # NVLink multicast off (the project's rule for its GPU machines).
 NCCL_FIXED = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -163,7 +170,7 @@ def test_the_launcher_uses_every_gpu_of_the_pod(monkeypatch, tmp_path):
     CUDA_VISIBLE_DEVICES (checked above): visible_gpus counts them with nvidia-smi, so
     training.nproc_per_node null means torchrun over all of them."""
     from profiles.schema import TrainingSection
-    from tasks.launch import resolve_launcher
+    from tasks.training.launch import resolve_launcher
 
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 (UUID: x$i)\"; "
@@ -205,7 +212,7 @@ def test_the_multinode_job_renders_a_rendezvous_over_nnodes_pods(nnodes, gpus):
     (endpoint,) = re.findall(r"--rdzv_endpoint=(\S+)", torchrun)
     assert endpoint == f"{job['metadata']['name']}-0.{svc}:29500"
     assert '--rdzv_id="$RDZV_ID"' in torchrun
-    assert "-m tasks.train_worker" in torchrun
+    assert "-m tasks.training.worker" in torchrun
     env = effective_env(container)
     # One id per Job, the same on every pod: the Job's uid.
     assert env["RDZV_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
@@ -227,11 +234,12 @@ def test_the_multinode_job_and_the_pool_set_the_same_nccl_variables():
 
 
 def test_the_prepare_step_writes_what_the_train_worker_reads():
-    """The pods' torchrun runs tasks.train_worker on RUN_DIR/launch.json: the prepare
+    """The pods' torchrun runs tasks.training.worker on RUN_DIR/launch.json: the prepare
     script writes the keys it reads, as train_adapter does for its own torchrun."""
     import inspect
 
-    from tasks import train, train_worker
+    from tasks import train
+    from tasks.training import worker as train_worker
 
     prepare = (DEPLOYMENTS_DIR / "k8s" / "prepare_launch.py").read_text()
     read = set(re.findall(r'inputs(?:\["|\.get\(")(\w+)"', inspect.getsource(train_worker)))

@@ -1,13 +1,13 @@
 """Loading options: validated in the profile and in preflight (before any weight is
-read), and mapped to from_pretrained's arguments in one place (tasks.modeling)."""
+read), and mapped to from_pretrained's arguments in one place (tasks.training.modeling)."""
 from __future__ import annotations
 
 import pytest
 
 from profiles.loader import load_profile
 from tasks import preflight
+from tasks.contracts import GiB, Gpu
 from tasks.errors import ProfileError
-from tasks.memory import GiB, Gpu
 
 GPU = [Gpu(index=0, name="H100", total_bytes=80 * GiB, free_bytes=79 * GiB)]
 
@@ -116,7 +116,7 @@ def test_4bit_on_cpu_with_evaluation_during_training_is_refused(monkeypatch):
 def test_load_kwargs_map_every_field():
     import torch
 
-    from tasks.modeling import load_kwargs
+    from tasks.training.modeling import load_kwargs
 
     p = load_profile("quickstart", [
         "model.dtype=bfloat16", "model.device_map=auto",
@@ -166,7 +166,7 @@ def test_liger_kernel_true_needs_the_package_and_a_gpu(monkeypatch):
 
 
 def test_torch_compile_auto_is_on_only_where_it_measured_faster():
-    from tasks.speed import use_torch_compile
+    from tasks.training.speed import use_torch_compile
 
     def compiles(sets, cuda=True, processes=1):
         return use_torch_compile(load_profile("quickstart", sets), cuda, processes)

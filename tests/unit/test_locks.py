@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from tasks import caching
-from tasks.caching import OrphanBreakingLockManager
+from tasks.cache import locks
+from tasks.cache.locks import OrphanBreakingLockManager, _host_identity
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "train-" + "a" * 64
@@ -20,7 +20,7 @@ KEY = "train-" + "a" * 64
 HOLDER = """
 import sys, time
 from pathlib import Path
-from tasks.caching import OrphanBreakingLockManager
+from tasks.cache.locks import OrphanBreakingLockManager
 m = OrphanBreakingLockManager(Path(sys.argv[1]))
 assert m.acquire_lock(sys.argv[2], "holder-process", acquire_timeout=10)
 print("held", flush=True)
@@ -85,7 +85,7 @@ def test_a_holder_on_another_host_is_alive_while_its_heartbeat_moves(tmp_path, m
     every lease/4 s and keeps it; once killed, its lock is broken after one lease."""
     lock_dir = tmp_path / "locks"
     holder = _start_holder(lock_dir, lease="1.0")  # heartbeat every 0.25 s
-    monkeypatch.setattr(caching, "_host_identity",
+    monkeypatch.setattr(locks, "_host_identity",
                         lambda: {"host": "elsewhere", "boot_id": None, "pidns": None})
     manager = OrphanBreakingLockManager(lock_dir, lease_seconds=1.0)
     try:
@@ -120,7 +120,7 @@ def test_a_foreign_lock_without_heartbeat_expires_and_a_half_written_one_waits(t
 def test_a_lock_from_a_previous_boot_of_this_host_is_broken(tmp_path):
     lock_dir = tmp_path / "locks"
     lock_dir.mkdir()
-    me = caching._host_identity()
+    me = _host_identity()
     (lock_dir / f"{KEY}.lock").write_text(json.dumps(
         {"holder": "h", **me, "boot_id": "another-boot", "pid": os.getpid()}))
     manager = OrphanBreakingLockManager(lock_dir)

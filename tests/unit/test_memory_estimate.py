@@ -11,9 +11,17 @@ import subprocess
 import pytest
 
 from profiles.loader import load_profile
-from tasks import memory
+from tasks.contracts import CUDA_CONTEXT_BYTES, GiB, Gpu
 from tasks.errors import OutOfMemoryError, ProfileError
-from tasks.memory import GiB, Gpu
+from tasks.memory.devices import parse_size, visible_gpus
+from tasks.memory.estimate import HEADROOM, estimate_training_memory, resolved_dtype
+from tasks.memory.fit import InsufficientMemoryError, fit_to_cap, plan_memory
+from tasks.memory.tensors import (
+    TensorSpecs,
+    check_target_modules,
+    linear_modules,
+    read_safetensors_headers,
+)
 
 # config.json of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B (the fields the
 # estimate reads), as published on the Hub.
@@ -35,7 +43,7 @@ H100 = Gpu(index=0, name="NVIDIA H100 80GB HBM3", total_bytes=81559 * 2**20,
            free_bytes=81000 * 2**20)
 
 
-def llama_tensors(c: dict, dtype: str = "BF16") -> memory.TensorSpecs:
+def llama_tensors(c: dict, dtype: str = "BF16") -> TensorSpecs:
     """The safetensors header of a LlamaForCausalLM with config c (names and shapes as
     transformers saves them; a tied lm_head is not stored)."""
     d, f, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
@@ -63,32 +71,32 @@ def llama_tensors(c: dict, dtype: str = "BF16") -> memory.TensorSpecs:
 def test_presets_fit_an_80gb_gpu_with_the_real_llama_configs(preset, config, params):
     profile = load_profile(preset)
     tensors = llama_tensors(config)
-    memory.check_target_modules(profile.lora.target_modules, tensors)
-    memory.check_target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+    check_target_modules(profile.lora.target_modules, tensors)
+    check_target_modules(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                  "up_proj", "down_proj"], tensors)
-    report = memory.plan_memory(profile, tensors, config, gpus=[H100])
+    report = plan_memory(profile, tensors, config, gpus=[H100])
     assert report.fits is True and report.placement == "gpu:0"
     est = report.estimate
     assert est.parameters == params
-    assert est.peak_bytes * (1 + memory.HEADROOM) + memory.CUDA_CONTEXT_BYTES < 80e9
+    assert est.peak_bytes * (1 + HEADROOM) + CUDA_CONTEXT_BYTES < 80e9
     # r=16 on every linear layer of every block: 11.3M (1B) / 42.0M (8B) adapter params.
     assert est.adapter_parameters == {1_235_814_400: 11_272_192,
                                       8_030_261_248: 41_943_040}[params]
 
 
 def test_8b_preset_is_quantized_and_the_1b_is_not():
-    est8 = memory.estimate_training_memory(load_profile("llama-3.1-8b-qlora"),
+    est8 = estimate_training_memory(load_profile("llama-3.1-8b-qlora"),
                                            llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B)
     # 32 blocks × 7 linear layers in 4 bits; embeddings and lm_head stay unquantized.
     assert est8.quantized_parameters == 8_030_261_248 - 2 * 128256 * 4096 - 65 * 4096
     assert 5.0 * GiB < est8.loaded_weights_bytes < 6.0 * GiB   # ≈3.5 GiB 4-bit + 2 GiB bf16
     assert est8.weights_bytes == est8.loaded_weights_bytes      # 16-bit rest: no upcast
-    upcast = memory.estimate_training_memory(
+    upcast = estimate_training_memory(
         load_profile("llama-3.1-8b-qlora", ["quantization.upcast_non_quantized=true"]),
         llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B)
     assert upcast.weights_bytes > upcast.loaded_weights_bytes   # peft's k-bit prep: fp32
     assert upcast.activation_mode == "fp32" and est8.activation_mode == "mixed16"
-    est1 = memory.estimate_training_memory(load_profile("llama-3.2-1b-lora"),
+    est1 = estimate_training_memory(load_profile("llama-3.2-1b-lora"),
                                            llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B)
     assert est1.quantized_parameters == 0
     assert est1.loaded_weights_bytes == 2 * 1_235_814_400
@@ -104,7 +112,7 @@ def test_quantized_weight_bytes(sets, bits_per_param):
     config = {**LLAMA_3_2_1B, "num_hidden_layers": 2}
     tensors = llama_tensors(config)
     profile = load_profile("llama-3.2-1b-lora", sets)
-    est = memory.estimate_training_memory(profile, tensors, config)
+    est = estimate_training_memory(profile, tensors, config)
     linear = est.quantized_parameters
     others = est.parameters - linear
     expected = linear * bits_per_param / 8 + others * 2
@@ -116,7 +124,7 @@ def test_quantized_weight_bytes(sets, bits_per_param):
 
 def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
     tensors, cfg = llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B
-    est = lambda *s: memory.estimate_training_memory(  # noqa: E731
+    est = lambda *s: estimate_training_memory(  # noqa: E731
         load_profile("llama-3.2-1b-lora", list(s)), tensors, cfg)
     a = est("training.per_device_batch_size=2")
     b = est("training.per_device_batch_size=4")
@@ -138,9 +146,9 @@ def test_a_run_that_cannot_fit_fails_with_the_fixes_that_would():
         "quantization.mode=none", "training.per_device_batch_size=8",
         "training.gradient_checkpointing=false"])
     with pytest.raises(OutOfMemoryError) as err:
-        memory.plan_memory(profile, llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B, gpus=[small])
+        plan_memory(profile, llama_tensors(LLAMA_3_1_8B), LLAMA_3_1_8B, gpus=[small])
     msg = str(err.value)
-    assert isinstance(err.value, memory.InsufficientMemoryError)
+    assert isinstance(err.value, InsufficientMemoryError)
     assert "training.per_device_batch_size" in msg and "GiB" in msg and "Fix" in msg
     # bf16 8B weights alone are 15 GiB: only quantization gets it under 23 GiB.
     assert "--set quantization.mode=nf4" in msg and "--set training.gradient_checkpointing=true" in msg
@@ -150,8 +158,8 @@ def test_smaller_batch_is_suggested_with_the_same_effective_batch():
     profile = load_profile("llama-3.2-1b-lora", ["training.per_device_batch_size=16",
                                                  "training.gradient_accumulation_steps=1"])
     gpu = Gpu(index=0, name="40GB", total_bytes=40 * GiB, free_bytes=40 * GiB)
-    with pytest.raises(memory.InsufficientMemoryError) as err:
-        memory.plan_memory(profile, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B, gpus=[gpu])
+    with pytest.raises(InsufficientMemoryError) as err:
+        plan_memory(profile, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B, gpus=[gpu])
     msg = str(err.value)
     assert "--set training.gradient_checkpointing=true" not in msg.split("Fix")[0]
     fixes = msg.split("Fix, any of: ")[1].split("; ")
@@ -169,41 +177,41 @@ def test_device_map_auto_spreads_over_gpus_and_is_suggested():
         "quantization.mode=none", "training.per_device_batch_size=1",
         "data.max_length=512"])
     tensors = llama_tensors(LLAMA_3_1_8B)
-    with pytest.raises(memory.InsufficientMemoryError) as err:
-        memory.plan_memory(profile, tensors, LLAMA_3_1_8B, gpus=gpus)
+    with pytest.raises(InsufficientMemoryError) as err:
+        plan_memory(profile, tensors, LLAMA_3_1_8B, gpus=gpus)
     assert "--set model.device_map=auto" in str(err.value)
     auto = load_profile("llama-3.1-8b-qlora", [
         "quantization.mode=none", "training.per_device_batch_size=1",
         "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 15GiB, 1: 15GiB}"])
-    report = memory.plan_memory(auto, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
+    report = plan_memory(auto, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
     assert report.fits and report.placement == "spread over gpu:0,gpu:1"
     # A max_memory below what the weights need refuses the same run.
     tight = load_profile("llama-3.1-8b-qlora", [
         "quantization.mode=none", "training.per_device_batch_size=1",
         "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 6GiB, 1: 6GiB}"])
-    with pytest.raises(memory.InsufficientMemoryError):
-        memory.plan_memory(tight, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
+    with pytest.raises(InsufficientMemoryError):
+        plan_memory(tight, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
 
 
 def test_no_gpu_means_no_comparison_and_cpu_dtype():
-    report = memory.plan_memory(load_profile("quickstart"), llama_tensors(LLAMA_3_2_1B),
+    report = plan_memory(load_profile("quickstart"), llama_tensors(LLAMA_3_2_1B),
                                 LLAMA_3_2_1B, gpus=[])
     assert report.fits is None and report.placement == "cpu"
     auto = load_profile("quickstart", ["model.dtype=auto"])
-    assert memory.estimate_training_memory(auto, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B,
+    assert estimate_training_memory(auto, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B,
                                            on_gpu=False).activation_mode == "fp32"
 
 
 def test_a_gpu_index_that_is_not_visible_is_a_profile_error():
     profile = load_profile("llama-3.2-1b-lora", ["model.device_map={'': 3}"])
     with pytest.raises(ProfileError) as err:
-        memory.plan_memory(profile, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B, gpus=[H100])
+        plan_memory(profile, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B, gpus=[H100])
     assert "model.device_map" in str(err.value) and "GPU 3" in str(err.value)
 
 
 def test_target_modules_that_match_nothing_list_the_real_names():
     with pytest.raises(ProfileError) as err:
-        memory.check_target_modules(["q_proj", "query"], llama_tensors(LLAMA_3_2_1B))
+        check_target_modules(["q_proj", "query"], llama_tensors(LLAMA_3_2_1B))
     msg = str(err.value)
     assert "lora.target_modules" in msg and "['query']" in msg
     assert "q_proj" in msg.split("names from:")[1] and "down_proj" in msg
@@ -213,16 +221,16 @@ def test_headers_of_the_seeded_model_are_read(tmp_path):
     from localhub import seed_data
 
     (tmp_path / "model.safetensors").write_bytes(seed_data.model_files()["model.safetensors"])
-    specs = memory.read_safetensors_headers(tmp_path)
+    specs = read_safetensors_headers(tmp_path)
     assert specs["model.layers.0.self_attn.q_proj.weight"] == ("F32", [64, 64])
     assert specs["lm_head.weight"] == ("F32", [512, 64])
-    assert {m.leaf for m in memory.linear_modules(specs)} == {
+    assert {m.leaf for m in linear_modules(specs)} == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
         "lm_head"}
 
 
 def test_memory_module_does_not_import_torch():
-    code = ("import sys, tasks.memory, tasks.preflight; "
+    code = ("import sys, tasks.memory.fit, tasks.preflight; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     import sys
 
@@ -241,33 +249,33 @@ SMI = ("0, GPU-aaaa, NVIDIA H100 80GB HBM3, 81559, 81000, 9.0\n"
 
 
 def test_visible_gpus_parses_nvidia_smi_and_honours_cuda_visible_devices():
-    gpus = memory.visible_gpus(run=_fake_smi(SMI), env={})
+    gpus = visible_gpus(run=_fake_smi(SMI), env={})
     assert [(g.index, g.name, g.bf16) for g in gpus] == [
         (0, "NVIDIA H100 80GB HBM3", True), (1, "Tesla T4", False)]
     assert gpus[0].free_bytes == 81000 * 2**20
-    only_t4 = memory.visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": "1"})
+    only_t4 = visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": "1"})
     assert [(g.index, g.name) for g in only_t4] == [(0, "Tesla T4")]
-    by_uuid = memory.visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": "GPU-bbbb"})
+    by_uuid = visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": "GPU-bbbb"})
     assert [g.name for g in by_uuid] == ["Tesla T4"]
-    assert memory.visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": ""}) == []
-    assert memory.visible_gpus(run=_fake_smi("", rc=9), env={}) == []
+    assert visible_gpus(run=_fake_smi(SMI), env={"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus(run=_fake_smi("", rc=9), env={}) == []
 
 
 def test_auto_dtype_follows_the_gpu():
     profile = load_profile("llama-3.2-1b-lora", ["model.dtype=auto"])
     t4 = Gpu(index=0, name="Tesla T4", total_bytes=15 * GiB, free_bytes=15 * GiB, bf16=False)
     tensors = llama_tensors(LLAMA_3_2_1B)
-    est = memory.estimate_training_memory(profile, tensors, LLAMA_3_2_1B, on_gpu=True,
+    est = estimate_training_memory(profile, tensors, LLAMA_3_2_1B, on_gpu=True,
                                           bf16_ok=t4.bf16)
     assert est.loaded_weights_bytes == 4 * est.parameters
-    assert memory.resolved_dtype(profile, on_gpu=True) == "bfloat16"
+    assert resolved_dtype(profile, on_gpu=True) == "bfloat16"
 
 
 @pytest.mark.parametrize("size, expected", [("20GiB", 20 * GiB), ("500MB", 500_000_000),
                                             ("1.5GB", 1_500_000_000), (1024, 1024),
                                             ("2TiB", 2 * 1024 * GiB)])
 def test_parse_size(size, expected):
-    assert memory.parse_size(size) == expected
+    assert parse_size(size) == expected
 
 
 def test_a_memory_cap_picks_the_fastest_batch_and_checkpointing_that_fit():
@@ -280,12 +288,12 @@ def test_a_memory_cap_picks_the_fastest_batch_and_checkpointing_that_fit():
     def peak(fields) -> float:
         sets = [f"training.{k}={'null' if v is None else v}" for k, v in fields.items()]
         profile = load_profile("llama-3.2-1b-lora", base + sets)
-        return memory.estimate_training_memory(profile, tensors, LLAMA_3_1_8B,
+        return estimate_training_memory(profile, tensors, LLAMA_3_1_8B,
                                                fused_loss=True).peak_bytes / GiB
 
     def choose(cap, fused_loss=True):
         profile = load_profile("llama-3.2-1b-lora", base + [f"training.memory_cap_gib={cap}"])
-        return memory.fit_to_cap(profile, tensors, LLAMA_3_1_8B, on_gpu=True,
+        return fit_to_cap(profile, tensors, LLAMA_3_1_8B, on_gpu=True,
                                  fused_loss=fused_loss)
 
     # Under 48 GiB: two micro-batches of 2 without checkpointing beat one of 4 that must
@@ -300,7 +308,7 @@ def test_a_memory_cap_picks_the_fastest_batch_and_checkpointing_that_fit():
     assert peak({**tight, "checkpoint_layers": tight["checkpoint_layers"] - 1}) > 31.3
     # Without the fused loss the vocabulary-sized logits count: less fits.
     assert choose(48, fused_loss=False) != roomy
-    with pytest.raises(memory.InsufficientMemoryError, match="training.memory_cap_gib"):
+    with pytest.raises(InsufficientMemoryError, match="training.memory_cap_gib"):
         choose(5)
 
 
@@ -310,7 +318,7 @@ GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 76
         "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
 
 
-def gpt2_tensors(c: dict = GPT2) -> memory.TensorSpecs:
+def gpt2_tensors(c: dict = GPT2) -> TensorSpecs:
     d, V = c["n_embd"], c["vocab_size"]
     t = {"wte.weight": ("F32", [V, d]), "wpe.weight": ("F32", [c["n_positions"], d]),
          "ln_f.weight": ("F32", [d]), "ln_f.bias": ("F32", [d])}
@@ -327,26 +335,26 @@ def gpt2_tensors(c: dict = GPT2) -> memory.TensorSpecs:
 def test_gpt2_conv1d_weights_are_read_in_out_from_the_config():
     """Known from the config (model_type gpt2, read from transformers' source without
     importing it): Conv1D shapes are [in, out]; without the config they read as Linear."""
-    linears = {m.name: m for m in memory.linear_modules(gpt2_tensors(), GPT2)}
+    linears = {m.name: m for m in linear_modules(gpt2_tensors(), GPT2)}
     assert (linears["h.0.mlp.c_fc"].in_features, linears["h.0.mlp.c_fc"].out_features) \
         == (768, 3072)
     assert (linears["h.0.attn.c_attn"].in_features,
             linears["h.0.attn.c_attn"].out_features) == (768, 2304)
     assert linears["lm_head"].tied_to == "wte" and not linears["lm_head"].in_block
-    blind = {m.name: m for m in memory.linear_modules(gpt2_tensors())}
+    blind = {m.name: m for m in linear_modules(gpt2_tensors())}
     assert blind["h.0.mlp.c_fc"].in_features == 3072  # what preflight read before
 
 
 def test_gpt2_estimate_counts_conv1d_targets_and_their_saved_inputs():
     profile = load_profile("quickstart", ["model.dtype=float32", "lora.r=8"])
-    est = memory.estimate_training_memory(profile, gpt2_tensors(), GPT2, on_gpu=False)
+    est = estimate_training_memory(profile, gpt2_tensors(), GPT2, on_gpu=False)
     # peft's count for gpt2 with r=8 on c_attn, c_proj, c_fc: 8 × (in + out) per module.
     assert est.adapter_parameters == 12 * 8 * ((768 + 2304) + (768 + 768) + (768 + 3072)
                                                + (3072 + 768))
     assert est.parameters == sum(math.prod(s) for _, s in gpt2_tensors().values())
     # The saved inputs of the targeted modules are at hidden width 768 (c_fc reads the
     # 768-wide residual), not the 3072 a transposed read gave.
-    transposed = memory.estimate_training_memory(profile, gpt2_tensors(),
+    transposed = estimate_training_memory(profile, gpt2_tensors(),
                                                  {k: v for k, v in GPT2.items()
                                                   if k != "model_type"}, on_gpu=False)
     assert est.activation_bytes < transposed.activation_bytes
@@ -357,10 +365,10 @@ def test_a_tied_lm_head_passes_the_header_check():
     assert "lm_head.weight" not in tensors
     lora = load_profile("quickstart", ["lora.target_modules=[q_proj, v_proj, lm_head]",
                                        "lora.modules_to_save=[embed_tokens]"]).lora
-    memory.check_target_modules(lora, tensors, LLAMA_3_2_1B)
+    check_target_modules(lora, tensors, LLAMA_3_2_1B)
     lora = load_profile("quickstart", ["lora.modules_to_save=[lm_head]"]).lora
-    memory.check_target_modules(lora, tensors, LLAMA_3_2_1B)
+    check_target_modules(lora, tensors, LLAMA_3_2_1B)
     # Still refused: a name that is no module at all.
     lora = load_profile("quickstart", ["lora.modules_to_save=[score]"]).lora
     with pytest.raises(ProfileError, match="lora.modules_to_save: .* name no module"):
-        memory.check_target_modules(lora, tensors, LLAMA_3_2_1B)
+        check_target_modules(lora, tensors, LLAMA_3_2_1B)

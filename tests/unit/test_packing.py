@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tasks.packing import PackingCollator, pack_rows
+from tasks.training.packing import PackingCollator, pack_rows
 
 
 def test_rows_hold_every_example_once_within_the_row_length():
@@ -59,7 +59,7 @@ def test_module_globals_a_kernel_patch_changed_are_put_back():
     model of the same type in this process runs transformers' own functions."""
     from transformers.models.llama import modeling_llama
 
-    from tasks import speed
+    from tasks.training import speed
 
     original = modeling_llama.apply_rotary_pos_emb
     speed._PATCHED.append((modeling_llama, dict(vars(modeling_llama))))

@@ -13,7 +13,7 @@ import pytest
 
 from profiles.loader import load_profile
 from tasks.errors import ProfileError
-from tasks.task_types import TASKS, check_config
+from tasks.model_tasks import TASKS, check_config
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_a_task_the_config_cannot_do_is_refused_from_config_json(seeded):
 
 
 def test_the_config_check_imports_neither_torch_nor_transformers(seeded):
-    code = (f"import json, sys; from tasks.task_types import check_config; "
+    code = (f"import json, sys; from tasks.model_tasks import check_config; "
             f"c = json.load(open({str(seeded['llama'] / 'config.json')!r})); "
             "check_config('seq-classification', c); "
             "print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))")
@@ -171,7 +171,7 @@ def test_pad_is_eos_only_without_a_pad_token_and_the_eos_label_survives(llama_wi
     from transformers import AutoTokenizer
 
     from tasks.dataset import tokenize_example
-    from tasks.task_types import data_collator, prepare_tokenizer
+    from tasks.model_tasks import data_collator, prepare_tokenizer
 
     own = prepare_tokenizer(AutoTokenizer.from_pretrained(str(seeded["llama"])))
     assert own.pad_token == "<pad>" and own.pad_token_id != own.eos_token_id  # kept
@@ -203,7 +203,7 @@ def test_classification_heads_are_excluded_from_all_linear():
     from types import SimpleNamespace
 
     from profiles.schema import LoraSection
-    from tasks.task_types import adapter_for_task
+    from tasks.model_tasks import adapter_for_task
 
     base = SimpleNamespace(classifier=object())
     assert adapter_for_task(base, LoraSection(), "token-classification"
@@ -222,33 +222,35 @@ def test_classification_heads_are_excluded_from_all_linear():
 # ------------------------------------------------------------------ memory estimate
 
 def test_memory_estimate_counts_both_stacks_of_an_encoder_decoder(seeded):
-    from tasks import memory
+    from tasks.memory.estimate import estimate_training_memory
+    from tasks.memory.tensors import linear_modules, read_safetensors_headers, targeted
 
     profile = load_profile("quickstart", ["model.task=seq2seq-lm", "data.format=input-target",
                                           "model.dtype=float32"])
-    tensors = memory.read_safetensors_headers(seeded["t5"])
-    linears = memory.linear_modules(tensors)
+    tensors = read_safetensors_headers(seeded["t5"])
+    linears = linear_modules(tensors)
     assert not any("relative_attention_bias" in m.name for m in linears)
-    targets = memory.targeted("all-linear", linears)
+    targets = targeted("all-linear", linears)
     assert {m.name.split(".")[0] for m in targets} == {"encoder", "decoder"}
     assert len(targets) == 2 * (4 + 2) + 2 * (4 + 4 + 2)  # enc: attn+ffn; dec: +cross
-    est = memory.estimate_training_memory(profile, tensors, _config(seeded, "t5"),
+    est = estimate_training_memory(profile, tensors, _config(seeded, "t5"),
                                           on_gpu=False)
     assert est.layers == 4 and est.loss_bytes > 0
 
 
 def test_memory_estimate_of_a_classifier_has_a_small_loss(seeded):
-    from tasks import memory
+    from tasks.memory.estimate import LOSS_BYTES_PER_LOGIT, estimate_training_memory
+    from tasks.memory.tensors import read_safetensors_headers
 
-    tensors = memory.read_safetensors_headers(seeded["bert"])
+    tensors = read_safetensors_headers(seeded["bert"])
     config = _config(seeded, "bert")
     sizes = {}
     for task, fmt in (("seq-classification", "text-label"),
                       ("token-classification", "tokens-tags")):
         profile = load_profile("quickstart", [f"model.task={task}", f"data.format={fmt}"])
-        est = memory.estimate_training_memory(profile, tensors, config, on_gpu=False)
+        est = estimate_training_memory(profile, tensors, config, on_gpu=False)
         assert est.layers == 2 and est.adapter_parameters > 0
         sizes[task] = est.loss_bytes
     tokens = 16 * 64  # quickstart: batch 16 × max_length 64
-    assert sizes["token-classification"] == tokens * 2 * memory.LOSS_BYTES_PER_LOGIT
-    assert sizes["seq-classification"] == 16 * 2 * memory.LOSS_BYTES_PER_LOGIT
+    assert sizes["token-classification"] == tokens * 2 * LOSS_BYTES_PER_LOGIT
+    assert sizes["seq-classification"] == 16 * 2 * LOSS_BYTES_PER_LOGIT

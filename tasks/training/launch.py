@@ -88,7 +88,7 @@ def run_torchrun(run_dir: Path, inputs: dict, nproc: int, log=print) -> None:
     (run_dir / LAUNCH_FILE).write_text(json.dumps(inputs))
     (run_dir / WORKER_ERROR).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "tasks.train_worker", str(run_dir / LAUNCH_FILE)]
+           f"--nproc_per_node={nproc}", "-m", "tasks.training.worker", str(run_dir / LAUNCH_FILE)]
     log(f"launching {nproc} training processes: {' '.join(cmd[1:])}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy(), cwd=Path(__file__).resolve().parents[1])

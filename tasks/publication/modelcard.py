@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from tasks.plot import loss_curve_png
-from tasks.prompt_formats import example_prompts, prompt_guide
-from tasks.task_types import head_kwargs, task_type
+from tasks.data.prompt_formats import example_prompts, prompt_guide
+from tasks.model_tasks import head_kwargs, task_type
+from tasks.publication.plot import loss_curve_png
 
 CARD, LINEAGE, LOSS_CURVE = "README.md", "loraflow.json", "loss_curve.png"
 # What the lineage manifest keeps from the run record: enough to reproduce the run.

@@ -15,7 +15,7 @@ from typing import Optional
 
 from profiles.schema import DataSection
 from tasks import errors
-from tasks.task_types import IGNORE_INDEX
+from tasks.model_tasks import IGNORE_INDEX
 
 TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2")
 

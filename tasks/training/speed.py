@@ -1,9 +1,9 @@
 """Training-speed levers, each a profile option (issue #7): Liger's fused kernels, a
 k-bit preparation that keeps the non-quantized weights in 16 bits, activation
 checkpointing of only some layers, and torch.compile of the decoder layers. Packing lives
-in tasks/packing.py.
+in tasks.training.packing.py.
 
-Imports torch lazily, like tasks/modeling.py.
+Imports torch lazily, like tasks.training.modeling.py.
 """
 from __future__ import annotations
 

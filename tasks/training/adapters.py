@@ -4,7 +4,7 @@ several adapter types together for inference).
 
 The module matching here is peft's rule written without torch, so preflight can check
 the profile against the safetensors headers before any weight is read, and the loaded
-model is checked again with the same function. tasks/modeling.py keeps the loading and
+model is checked again with the same function. tasks.training.modeling.py keeps the loading and
 the k-bit preparation; it calls `attach_adapter` for the peft part.
 """
 from __future__ import annotations
@@ -188,7 +188,9 @@ def model_modules(model) -> tuple[list[str], list[str], list[str]]:
     model; inside a peft model, an adapted layer counts as the linear it wraps.
     transformers' Conv1D (GPT-2 family) counts as linear, as peft's 'all-linear' does."""
     import torch
-    from transformers.pytorch_utils import Conv1D  # GPT-2 family: a linear stored [in, out]
+    from transformers.pytorch_utils import (
+        Conv1D,  # GPT-2 family: a linear stored [in, out]
+    )
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
@@ -223,7 +225,7 @@ def check_target_modules(model, lora: LoraSection) -> list[str]:
 
 def _peft_task_type(task: str):
     try:
-        from tasks.task_types import peft_task_type
+        from tasks.model_tasks import peft_task_type
     except ImportError:  # pragma: no cover - before task types existed
         from peft import TaskType
 

@@ -91,7 +91,7 @@ def keep_cpu_4bit_trainable(base) -> int:
 def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: str,
                     labels: list[str] | None = None):
     """from_pretrained over the downloaded snapshot, safetensors only, with the Auto class
-    of model.task (tasks/task_types.py).
+    of model.task (tasks.model_tasks.py).
 
     `labels`: the label / tag names a classification task collected from its data
     (DatasetManifest.labels); they size the head (num_labels, id2label, label2id).
@@ -102,8 +102,13 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: 
     """
     import transformers
 
-    from tasks.task_types import (FRESH_MODULES_ATTR, check_local_config, fresh_modules,
-                                  head_kwargs, task_type)
+    from tasks.model_tasks import (
+        FRESH_MODULES_ATTR,
+        check_local_config,
+        fresh_modules,
+        head_kwargs,
+        task_type,
+    )
 
     check_local_config(model.task, local_dir)
     auto = getattr(transformers, task_type(model.task).auto_class)
@@ -112,7 +117,7 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: 
                                           **head_kwargs(model.task, labels),
                                           output_loading_info=True)
         # What the checkpoint lacked is random on every load: the adapter must carry it
-        # (tasks.task_types.adapter_for_task).
+        # (tasks.model_tasks.adapter_for_task).
         setattr(base, FRESH_MODULES_ATTR, fresh_modules(info.get("missing_keys") or ()))
     except ImportError as exc:
         raise errors.ProfileError(
@@ -124,23 +129,23 @@ def load_base_model(model: ModelSection, quant: QuantizationSection, local_dir: 
 
 
 def lora_config(lora: LoraSection, task: str = "causal-lm"):
-    """The peft config of the profile's adapter method (see tasks.adapters.peft_config)."""
-    from tasks.adapters import peft_config
+    """The peft config of the profile's adapter method (see tasks.training.adapters.peft_config)."""
+    from tasks.training.adapters import peft_config
 
     return peft_config(lora, task)
 
 
 def linear_module_names(model) -> list[str]:
     """Distinct leaf names of the model's linear layers (what target_modules can match)."""
-    from tasks.adapters import linear_module_names as names
+    from tasks.training.adapters import linear_module_names as names
 
     return names(model)
 
 
 def check_target_modules(base, lora: LoraSection) -> list[str]:
     """Refuse target/exclude selectors that match nothing, listing the linear modules
-    that exist (tasks.adapters.check_target_modules); returns the adapted module paths."""
-    from tasks.adapters import check_target_modules as check
+    that exist (tasks.training.adapters.check_target_modules); returns the adapted module paths."""
+    from tasks.training.adapters import check_target_modules as check
 
     return check(base, lora)
 
@@ -151,7 +156,7 @@ def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
     """get_peft_model, with k-bit preparation for quantized bases.
 
     `continue_from`: a saved adapter's directory; that adapter is loaded, trainable,
-    instead of a fresh one (tasks.adapters.attach_adapter).
+    instead of a fresh one (tasks.training.adapters.attach_adapter).
 
     `sharded` (FSDP over a 4-bit base): FSDP flattens each wrapped block into one tensor
     of a single dtype, so nothing is upcast to fp32 (no k-bit preparation) and the
@@ -159,8 +164,8 @@ def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
     """
     from peft import prepare_model_for_kbit_training
 
-    from tasks.adapters import attach_adapter
-    from tasks.task_types import adapter_for_task
+    from tasks.model_tasks import adapter_for_task
+    from tasks.training.adapters import attach_adapter
 
     lora = adapter_for_task(base, lora, task)  # a classification head: trained whole
     check_target_modules(base, lora)
@@ -169,7 +174,7 @@ def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
             base, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif quant.mode != "none" and not sharded:
-        from tasks.speed import prepare_kbit_without_upcast
+        from tasks.training.speed import prepare_kbit_without_upcast
 
         base = prepare_kbit_without_upcast(base, gradient_checkpointing)
     model = attach_adapter(base, lora, task, continue_from)

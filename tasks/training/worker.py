@@ -1,6 +1,6 @@
-"""One torchrun process of a distributed training: `python -m tasks.train_worker LAUNCH_JSON`.
+"""One torchrun process of a distributed training: `python -m tasks.training.worker LAUNCH_JSON`.
 
-Reads the manifests the task wrote (tasks/launch.py), runs the same `run_train` as a
+Reads the manifests the task wrote (tasks.training.launch.py), runs the same `run_train` as a
 single-process training — transformers' Trainer sees torchrun's environment and wraps
 the model in DDP (or FSDP for QLoRA) — and reports its exception type for the parent.
 """
@@ -13,11 +13,9 @@ from pathlib import Path
 
 def main(launch_file: str) -> int:
     from profiles.schema import Profile
-    from tasks.dataset import DatasetManifest
-    from tasks.download import SnapshotManifest
-    from tasks.launch import report_worker_error
-    from tasks.preflight import PreflightReport
+    from tasks.contracts import DatasetManifest, PreflightReport, SnapshotManifest
     from tasks.train import run_train
+    from tasks.training.launch import report_worker_error
 
     inputs = json.loads(Path(launch_file).read_text())
     try:

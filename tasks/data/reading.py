@@ -20,7 +20,7 @@ from typing import Optional
 
 from profiles.schema import DataSection
 from tasks import errors, settings
-from tasks.preflight import DatasetRef
+from tasks.contracts import DatasetRef
 
 log = logging.getLogger("loraflow.dataset")
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
+from profiles.schema import TASK_FORMATS
 from tasks import errors
 
 Task = Literal["causal-lm", "seq-classification", "token-classification", "seq2seq-lm"]
@@ -41,19 +42,20 @@ class TaskType:
 TASKS: dict[str, TaskType] = {
     "causal-lm": TaskType(
         "causal-lm", "AutoModelForCausalLM", "CAUSAL_LM",
-        ("alpaca", "chat", "prompt-completion", "text"), "DataCollatorForSeq2Seq",
+        TASK_FORMATS["causal-lm"], "DataCollatorForSeq2Seq",
         "text-generation", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     "seq-classification": TaskType(
         "seq-classification", "AutoModelForSequenceClassification", "SEQ_CLS",
-        ("text-label",), "DataCollatorWithPadding", "text-classification",
+        TASK_FORMATS["seq-classification"], "DataCollatorWithPadding", "text-classification",
         "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
     "token-classification": TaskType(
         "token-classification", "AutoModelForTokenClassification", "TOKEN_CLS",
-        ("tokens-tags",), "DataCollatorForTokenClassification", "token-classification",
+        TASK_FORMATS["token-classification"], "DataCollatorForTokenClassification",
+        "token-classification",
         "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
     "seq2seq-lm": TaskType(
         "seq2seq-lm", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM",
-        ("input-target",), "DataCollatorForSeq2Seq",
+        TASK_FORMATS["seq2seq-lm"], "DataCollatorForSeq2Seq",
         "text2text-generation", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
 }
 # Labels of padding positions and of sub-word pieces after a word's first: the loss skips them.
@@ -153,7 +155,7 @@ def head_kwargs(task: str, labels: Optional[list[str]]) -> dict:
 CLASSIFIER_HEADS = ("classifier", "score")
 
 
-# Set by tasks.modeling.load_base_model on the loaded model: the modules whose weights the
+# Set by tasks.training.modeling.load_base_model on the loaded model: the modules whose weights the
 # checkpoint lacked, which transformers initialised at random (a new head, a pooler).
 FRESH_MODULES_ATTR = "loraflow_fresh_modules"
 
@@ -178,7 +180,7 @@ def adapter_for_task(base, lora, task: str):
     added to lora.modules_to_save (trained and saved whole) and left out of
     'all-linear' like a head.
     """
-    from tasks.adapters import model_modules, resolved_targets
+    from tasks.training.adapters import model_modules, resolved_targets
 
     present = [h for h in CLASSIFIER_HEADS if getattr(base, h, None) is not None] \
         if TASKS[task].classifies else []

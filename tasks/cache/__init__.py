@@ -1,0 +1,1 @@
+"""Content-keyed caching for the pipeline's steps: keys, manifests, policy, locks."""

@@ -1,0 +1,1 @@
+"""Reading and rendering training rows: files, chat templates, prompt formats."""

@@ -1,0 +1,1 @@
+"""What the train step runs: loading, adapters, speed levers, checkpoints, launch."""
