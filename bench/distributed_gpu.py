@@ -1,14 +1,16 @@
 """Distributed training on 2 GPUs vs 1, through loraflow's own training step.
 
-For an 8B-shaped Llama with random bf16 weights: bf16 LoRA with DDP and nf4 QLoRA with
-FSDP, each 30 steps of a learnable synthetic task, against a single-GPU run at the same
-global batch. Each run is `tasks.training.worker` — the code a torchrun job of
+For an 8B-shaped Llama with random bf16 weights: bf16 LoRA and nf4 QLoRA with the data-
+parallel engine the memory plan chooses (DDP: each rank holds its own copy, quantized or
+not, when it fits one GPU), and nf4 QLoRA forced onto FSDP for comparison; each 30 steps of
+a learnable synthetic task, against a single-GPU run of the same profile (same levers:
+Liger where the engine allows it) at the same global batch. Each run is `tasks.training.worker` — the code a torchrun job of
 train_adapter runs — under CUDA_VISIBLE_DEVICES=0 (one GPU) or torch.distributed.run
 (two). Prints and writes one JSON line per case: per-step losses of both, their largest
 and mean relative difference, tokens/s and the ratio, peak memory.
 
 usage (2-GPU machine, repo root, wheel bundle installed):
-    python bench/distributed_gpu.py OUTDIR [CASE ...]   (cases: 8b-bf16-ddp 8b-nf4-fsdp)
+    python bench/distributed_gpu.py OUTDIR [CASE ...]   (cases: 8b-bf16-ddp 8b-nf4-ddp 8b-nf4-fsdp)
 """
 from __future__ import annotations
 
@@ -63,22 +65,30 @@ def build_dataset(path: Path) -> dict:
             "num_eval": 0, "train_tokens": len(rows) * SEQ}
 
 
-def launch_inputs(model_dir: Path, dataset: dict, quant: str) -> dict:
+# case → (quantization.mode, training.data_parallel, training.liger_kernel)
+CASES = {"8b-bf16-ddp": ("none", "auto", True), "8b-nf4-ddp": ("nf4", "auto", True),
+         "8b-nf4-fsdp": ("nf4", "fsdp", False)}
+
+
+def launch_inputs(model_dir: Path, dataset: dict, case: str) -> dict:
     from profiles.schema import Profile
 
+    quant, engine, liger = CASES[case]
+    # FSDP flattens each block into one tensor: the 4-bit weights need a float storage dtype.
+    quantization = {"mode": quant, "quant_storage": "bfloat16" if engine == "fsdp" else "uint8"}
     profile = Profile.model_validate({
         "model": {"id": "bench/llama-8b-shape", "dtype": "bfloat16"},
-        "quantization": {"mode": quant, "quant_storage": "bfloat16"} if quant != "none"
-        else {"mode": "none"},
+        "quantization": quantization if quant != "none" else {"mode": "none"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"dataset": "bench/synthetic", "max_length": SEQ, "eval_split": 0},
         # lr 3e-4: at 1e-3 the first steps overshoot and oscillate, and any rounding
         # difference (the order of a gradient all-reduce) grows into a different curve.
-        # Liger off on both sides: FSDP runs without it (tasks/train.py).
+        # Liger on both sides where the engine allows it (FSDP runs without it).
         "training": {"learning_rate": 3e-4, "max_steps": STEPS, "per_device_batch_size":
                      PER_DEVICE, "global_batch_size": GLOBAL, "lr_scheduler": "constant",
                      "gradient_checkpointing": quant != "none", "logging_steps": 1,
-                     "save_steps": 1000, "seed": 0, "liger_kernel": False},
+                     "save_steps": 1000, "seed": 0, "liger_kernel": liger,
+                     "data_parallel": engine},
         "publish": {"repo_id": "bench/unpublished"}})
     return inputs_for(model_dir, dataset, profile)
 
@@ -97,11 +107,50 @@ def inputs_for(model_dir: Path, dataset: dict, profile) -> dict:
             "dataset": dataset, "flow_run_id": None}
 
 
-def run(case: str, inputs: dict, gpus: int, work: Path) -> dict:
+def with_memory_plan(inputs: dict, model_dir: Path, gpus: int) -> dict:
+    """The launch inputs with preflight's memory plan for `gpus` GPUs (it chooses the
+    data-parallel engine, as preflight does before train_adapter launches torchrun)."""
+    from profiles.schema import Profile
+    from tasks.memory.devices import visible_gpus
+    from tasks.memory.fit import plan_memory
+    from tasks.memory.tensors import read_safetensors_headers
+
+    profile = Profile.model_validate(inputs["profile"])
+    config = json.loads((model_dir / "config.json").read_text())
+    plan = plan_memory(profile, read_safetensors_headers(model_dir), config,
+                       gpus=visible_gpus()[:gpus])
+    preflight = {**inputs["preflight"], "memory": plan.model_dump(mode="json")}
+    return {**inputs, "preflight": preflight}
+
+
+def as_launch(inputs: dict, home: Path) -> dict:
+    """The launch file train_adapter writes (tasks.train.launch_inputs: the key inputs and
+    the run directory too), for a run under LORAFLOW_HOME=`home`."""
+    from profiles.schema import Profile
+    from tasks.contracts import DatasetManifest, PreflightReport, SnapshotManifest
+    from tasks.train import launch_inputs as step_launch_inputs
+
+    before = os.environ.get("LORAFLOW_HOME")
+    os.environ["LORAFLOW_HOME"] = str(home)
+    try:
+        return step_launch_inputs(Profile.model_validate(inputs["profile"]),
+                                  PreflightReport.model_validate(inputs["preflight"]),
+                                  SnapshotManifest.model_validate(inputs["snapshot"]),
+                                  DatasetManifest.model_validate(inputs["dataset"]),
+                                  inputs["flow_run_id"])
+    finally:
+        if before is None:
+            os.environ.pop("LORAFLOW_HOME", None)
+        else:
+            os.environ["LORAFLOW_HOME"] = before
+
+
+def run(case: str, inputs: dict, gpus: int, work: Path, model_dir: Path) -> dict:
+    inputs = with_memory_plan(inputs, model_dir, gpus)
     home = work / f"home-{case}-{gpus}gpu"
     shutil.rmtree(home, ignore_errors=True)  # a run of an earlier invocation is not this one
     launch = work / f"{case}-{gpus}.json"
-    launch.write_text(json.dumps(inputs))
+    launch.write_text(json.dumps(as_launch(inputs, home)))
     env = {**os.environ, **NO_MULTICAST, "LORAFLOW_HOME": str(home),
            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     cmd = ([sys.executable, "-m", "tasks.training.worker", str(launch)] if gpus == 1 else
@@ -117,7 +166,8 @@ def run(case: str, inputs: dict, gpus: int, work: Path) -> dict:
             "train_runtime_s": runtime, "tokens_per_s": round(STEPS * GLOBAL * SEQ / runtime),
             "losses": [h["loss"] for h in record["loss_history"]],
             "adapter_sha256": record["adapter"]["sha256"],
-            "distributed": record.get("distributed"), "peak_gpu_mem_gib": record["metrics"].get("peak_gpu_mem_gib"),
+            "distributed": record.get("distributed"), "speed": record.get("speed"),
+            "peak_gpu_mem_gib": record["metrics"].get("peak_gpu_mem_gib"),
             "adapter_dir": str(next(home.glob("runs/*/adapter")))}
 
 
@@ -138,7 +188,7 @@ def reload_losses(case: str, one: dict, two: dict, model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = None
-    if case.endswith("fsdp"):
+    if CASES[case][0] == "nf4":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
@@ -171,10 +221,10 @@ def main(out_dir: str) -> None:
     model_dir = work / "llama-8b"
     build_model(model_dir)
     dataset = build_dataset(work / "data")
-    cases = (("8b-bf16-ddp", "none"), ("8b-nf4-fsdp", "nf4"))
-    for case, quant in (c for c in cases if len(sys.argv) < 3 or c[0] in sys.argv[2:]):
-        inputs = launch_inputs(model_dir, dataset, quant)
-        one, two = run(case, inputs, 1, work), run(case, inputs, 2, work)
+    for case in (c for c in CASES if len(sys.argv) < 3 or c in sys.argv[2:]):
+        inputs = launch_inputs(model_dir, dataset, case)
+        one = run(case, inputs, 1, work, model_dir)
+        two = run(case, inputs, 2, work, model_dir)
         row = {"case": case, "one_gpu": one, "two_gpus": two}
         if "error" not in one and "error" not in two:
             row.update(compare(one, two), **reload_losses(case, one, two, model_dir),

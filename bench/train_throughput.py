@@ -2,7 +2,7 @@
 
 One invocation = one model shape. In one process, one after the other: the plain
 baseline first (bench/baseline_peft.py's loop, or its padded / learnable variants below),
-then loraflow's `tasks.train.run_train` — the code train_adapter runs — with the speed
+then loraflow's `tasks.training.run.run_train` — the code train_adapter runs — with the speed
 levers set by profile fields. The baseline goes first because Liger patches
 transformers' Llama classes for the rest of the process.
 
@@ -201,14 +201,16 @@ def install_probe() -> bool:
 def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
                  global_batch: int, fields: dict, steps: int, lr: float = 1e-4,
                  log_every: int = LOG_EVERY) -> dict:
-    """tasks.train.run_train on the saved model. The step time is the time between the
+    """tasks.training.run.run_train on the saved model. The step time is the time between the
     logged losses (a log synchronizes with the GPU) from step WARM on, per step; the
     losses are those logged every `log_every` steps."""
     from distributed_gpu import inputs_for
 
     from profiles.schema import Profile
     from tasks.contracts import DatasetManifest, PreflightReport, SnapshotManifest
-    from tasks.train import read_step_log, run_train
+    from tasks.train import launch_inputs
+    from tasks.training.checkpoints import read_step_log
+    from tasks.training.worker import run_launch
 
     home = WORK / f"home-{time.time_ns()}"
     os.environ["LORAFLOW_HOME"] = str(home)
@@ -231,10 +233,10 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
         config = json.loads((model_dir / "config.json").read_text())
         inputs["preflight"]["memory"] = plan_memory(
             profile, read_safetensors_headers(model_dir), config).model_dump(mode="json")
-    result = run_train(Profile.model_validate(inputs["profile"]),
-                       PreflightReport.model_validate(inputs["preflight"]),
-                       SnapshotManifest.model_validate(inputs["snapshot"]),
-                       DatasetManifest.model_validate(inputs["dataset"]))
+    result = run_launch(launch_inputs(Profile.model_validate(inputs["profile"]),
+                                      PreflightReport.model_validate(inputs["preflight"]),
+                                      SnapshotManifest.model_validate(inputs["snapshot"]),
+                                      DatasetManifest.model_validate(inputs["dataset"])))
     events = [e for e in read_step_log(Path(result.run_dir)) if e["event"] == "loss"]
     timed = [e for e in events if e["step"] >= WARM]
     step_s = ((timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"])

@@ -120,9 +120,9 @@ def cache_entries(steps=STEPS) -> list[dict]:
                     (path / "manifest.json").stat().st_mtime, timezone.utc).isoformat(
                     timespec="seconds")
             if step == "train" and entry["state"] in ("partial", "damaged"):
-                from tasks.train import _last_checkpoint
+                from tasks.training.checkpoints import last_checkpoint
 
-                last = _last_checkpoint(path, prune=False)
+                last = last_checkpoint(path, prune=False)
                 entry["resumable_from_step"] = int(last.rsplit("-", 1)[1]) if last else None
             entry["summary"] = _summary(step, entry["inputs"])
             entries.append(entry)

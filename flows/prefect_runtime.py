@@ -138,14 +138,28 @@ class ExpectedErrorFilter(logging.Filter):
         return True
 
 
-_FILTER = ExpectedErrorFilter()
+class ReportHookFilter(logging.Filter):
+    """Drops Prefect's two lines per hook call ("Running hook 'record_step' in response
+    to entering state …", "Hook 'record_step' finished running successfully") for the
+    steps' report hook (tasks/cache/policy.py), which runs on every state of every step;
+    a failing hook is still logged (as an error)."""
+
+    NOISE = ("Running hook 'record_step'", "Hook 'record_step' finished")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and isinstance(record.msg, str)
+                    and record.msg.startswith(self.NOISE))
+
+
+_FILTERS = (ExpectedErrorFilter(), ReportHookFilter())
 RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 
 
 def install_log_filter() -> None:
-    """Attach `ExpectedErrorFilter` to Prefect's run loggers (idempotent; Prefect's
+    """Attach the filters above to Prefect's run loggers (idempotent; Prefect's
     logging set-up may replace handlers, so it is called at every flow start)."""
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+        for log_filter in _FILTERS:
+            if log_filter not in logger.filters:
+                logger.addFilter(log_filter)

@@ -20,37 +20,33 @@ from typing import Any, Literal, Optional
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 
 from flows.finetune import (
     TRAINING_LIMIT,
-    StepRecorder,
-    _empty_report,
-    _print_progress,
-    fail,
-    failed_state,
-    train_steps,
+    end_failed,
+    prepare_inputs,
+    run_report,
+    training_slot,
 )
 from profiles.loader import apply_override
 from profiles.schema import Profile, PublishSection
-from tasks import settings
-from tasks.errors import LoraflowError, ProfileError
-from tasks.training.launch import visible_gpus
+from tasks.errors import ProfileError
+from tasks.memory import devices
+from tasks.train import train_adapter
 
 
 @flow(name="loraflow-train-variant", log_prints=True)
 def train_variant(profile: Profile, variant: str) -> dict:
     """preflight → download → dataset → train for one variant (no publishing)."""
-    report = _empty_report(profile, variant)
-    step = StepRecorder(report, _print_progress)
     try:
-        train_steps(profile, step, report)
+        pre, snapshot, data = prepare_inputs(profile)
+        with training_slot():
+            train_adapter(profile=profile, preflight=pre, snapshot=snapshot, dataset=data,
+                          flow_run_id=str(flow_run.id))
+        return run_report(profile, variant)
     except BaseException as exc:
-        failed = fail(report, exc)
-        if isinstance(failed.error, LoraflowError) and not settings.debug_enabled():
-            return failed_state(failed)  # one line, no traceback (flows/finetune.py)
-        raise failed from exc
-    report["status"] = "completed"
-    return report
+        return end_failed(profile, variant, exc)  # one line, no traceback for typed errors
 
 
 def expand_grid(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -214,7 +210,7 @@ def sweep(profile: Profile, grid: dict[str, list], publish: Literal["all", "best
     from flows.publish import load_run
     from tasks.publish import run_publish
 
-    slots = max_concurrent_trainings or visible_gpus() or 1
+    slots = max_concurrent_trainings or len(devices.visible_gpus()) or 1
     ensure_training_limit(slots)
     variants = plan_variants(profile, grid, publish)
     with tempfile.TemporaryDirectory() as workdir:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from profiles.errors import ProfileError
 from profiles.schema import Profile, presets_dir
@@ -158,7 +158,7 @@ def _booleans_taken_as_numbers(data: dict, model, prefix: str = "") -> list[tupl
         if isinstance(value, bool) and isinstance(attr, (int, float)) \
                 and not isinstance(attr, bool):
             found.append((loc, value))
-        elif isinstance(value, dict) and hasattr(attr, "model_fields"):
+        elif isinstance(value, dict) and isinstance(attr, BaseModel):
             found += _booleans_taken_as_numbers(value, attr, f"{loc}.")
     return found
 

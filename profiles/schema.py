@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import (
     AfterValidator,
@@ -74,13 +74,94 @@ def _is_device(value) -> bool:
         isinstance(value, str) and bool(DEVICE_RE.match(value)))
 
 
+# Prefect's run form (the deployment's "Run" page) is rendered from the flow's JSON schema
+# by Prefect's UI, which has its own reading of a few JSON-schema shapes (prefect 3.8's
+# SchemaFormProperty*, in prefect/server/ui/assets): a `{"type": "null"}` branch of an
+# anyOf renders as 'Property is type "None"', a `const` as '… is a const and cannot be
+# changed' (and a disabled field), descriptions are Markdown (a bare `<repo_id>` is an
+# HTML tag the renderer drops: placeholders go in backticks), and properties are laid out
+# by their `position` key. It has no collapsible groups, so advanced fields are grouped by
+# position after the common ones and titled "Advanced: …". `_form_schema` reshapes only
+# the schema; what validates (pydantic) is untouched.
+ADVANCED_PREFIX = "Advanced: "
+# An anyOf branch that accepts only null without being null-typed, for a field whose other
+# branches are several (an Optional with one branch is inlined instead; see _form_schema).
+UNSET_BRANCH = {"enum": [None], "title": "unset"}
+
+
+def _branch_title(branch: dict) -> Optional[str]:
+    """A readable label for an anyOf branch (the form's buttons); None: Prefect's own."""
+    if branch.get("type") == "boolean":
+        return "true / false"
+    if branch.get("type") == "string" and branch.get("enum"):
+        return " / ".join(str(v) for v in branch["enum"])
+    return None
+
+
+def _form_property(prop: dict) -> dict:
+    """One property reshaped for Prefect's run form; accepts the same values.
+
+    - `const` (pydantic's Literal of one value, e.g. "auto" beside a bool) becomes a
+      one-value `enum`: a dropdown, not a disabled "is a const" field.
+    - Optional[X] (anyOf [X, null], default null) becomes X without a default: Prefect's
+      own parameter validation (schema_tools.validation.preprocess_schema, on the server
+      and in the UI) lets null through for a property with a `type` and no default, and
+      the form shows an empty X input instead of a "type None" branch. An Optional of
+      several branches keeps them, with null accepted by UNSET_BRANCH.
+    """
+    if "const" in prop:
+        prop["enum"] = [prop.pop("const")]
+    branches = prop.get("anyOf")
+    if not branches:
+        return prop
+    kept = [_form_property(dict(b)) for b in branches if b.get("type") != "null"]
+    nullable = len(kept) < len(branches)
+    for branch in kept:
+        title = _branch_title(branch)
+        if title and "title" not in branch:
+            branch["title"] = title
+    if nullable and prop.get("default", ...) is None:
+        del prop["default"]
+    if nullable and len(kept) == 1 and "type" in kept[0]:
+        del prop["anyOf"]
+        kept[0].pop("title", None)
+        return {**kept[0], **prop}
+    prop["anyOf"] = kept + ([dict(UNSET_BRANCH)] if nullable else [])
+    return prop
+
+
+def _form_schema(schema: dict, cls) -> None:
+    """pydantic's json_schema_extra hook of every section: reshape its properties for
+    Prefect's run form (see _form_property) and lay them out — the fields a person sets
+    first, the section's `form_advanced` ones after, titled "Advanced: …"."""
+    advanced = getattr(cls, "form_advanced", ())
+    order = getattr(cls, "form_order", ())
+    names = list(schema.get("properties", {}))
+    ranked = [n for n in order if n in names] + [n for n in names if n not in order]
+    ranked = ([n for n in ranked if n not in advanced] + [n for n in ranked if n in advanced])
+    for name, prop in schema.get("properties", {}).items():
+        prop = schema["properties"][name] = _form_property(prop)
+        prop["position"] = ranked.index(name)
+        if name in advanced and "title" in prop:
+            prop["title"] = ADVANCED_PREFIX + prop["title"]
+
+
 class _Section(BaseModel):
     # Unknown keys are typos: refuse them instead of silently ignoring a setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              json_schema_extra=_form_schema)
+    # The run form's layout (_form_schema): fields listed in form_order first (the rest
+    # in declaration order), then the form_advanced ones.
+    form_order: ClassVar[tuple[str, ...]] = ()
+    form_advanced: ClassVar[tuple[str, ...]] = ()
 
 
 class ModelSection(_Section):
     """The base model and how it is loaded."""
+
+    form_order = ("id", "revision", "task", "dtype", "attn_implementation")
+    form_advanced = ("device_map", "max_memory", "offload_folder", "low_cpu_mem_usage",
+                     "trust_remote_code", "base_id", "base_revision")
 
     id: RepoId = Field(description="Hub repo id of the base model (from_pretrained's "
                     "pretrained_model_name_or_path), e.g. meta-llama/Llama-3.2-1B.")
@@ -178,6 +259,8 @@ class ModelSection(_Section):
 class QuantizationSection(_Section):
     """bitsandbytes quantization of the base model (QLoRA)."""
 
+    form_advanced = ("quant_storage", "upcast_non_quantized")
+
     mode: Literal["none", "nf4", "fp4", "int8"] = Field(
         "none", description="none; nf4/fp4: BitsAndBytesConfig(load_in_4bit=True, "
         "bnb_4bit_quant_type=mode); int8: BitsAndBytesConfig(load_in_8bit=True).")
@@ -240,6 +323,11 @@ class LoraSection(_Section):
     for must keep their default value (a set one is refused, naming the method).
     """
 
+    form_advanced = ("module_dropout", "exclude_modules", "feedforward_modules", "bias",
+                     "use_rslora", "use_dora", "init", "modules_to_save",
+                     "layers_to_transform", "rank_pattern", "alpha_pattern", "adapter_name",
+                     "autocast_adapter_dtype", "low_cpu_mem_usage")
+
     method: PeftMethod = Field(
         "lora", description="The peft method: lora (LoraConfig), ia3 (IA3Config: learned "
         "scaling vectors), loha (LoHaConfig: Hadamard product), lokr (LoKrConfig: Kronecker "
@@ -258,7 +346,7 @@ class LoraSection(_Section):
         "all-linear", description="target_modules: 'all-linear' (every linear layer of the "
         "blocks, not the output head), a list of module names (e.g. [q_proj, v_proj]: a "
         "module whose path ends with one), or a regex string matched against the full "
-        r"module path (e.g. '.*\.layers\.[01]\.self_attn\.(q|v)_proj').")
+        r"module path (e.g. `.*\.layers\.[01]\.self_attn\.(q|v)_proj`).")
     exclude_modules: Optional[Union[list[str], str]] = Field(
         None, description="exclude_modules: modules left out of target_modules, as a list of "
         "names or a regex string (same rules as target_modules).")
@@ -375,6 +463,9 @@ class LoraSection(_Section):
 class DataSection(_Section):
     """The training data and how it becomes token sequences."""
 
+    form_order = ("dataset", "format")
+    form_advanced = ("padding_side",)
+
     dataset: str = Field(description="A Hub dataset repo id (datasets.load_dataset's path) "
                          "or a local .json/.jsonl/.csv/.parquet file.")
     revision: str = Field("main", description="Branch, tag or commit of a Hub dataset "
@@ -419,6 +510,10 @@ class DataSection(_Section):
 
 class TrainingSection(_Section):
     """The training loop (transformers.TrainingArguments)."""
+
+    form_advanced = ("weight_decay", "max_grad_norm", "checkpoint_layers", "memory_cap_gib",
+                     "liger_kernel", "torch_compile", "optimizer", "save_total_limit", "seed",
+                     "launcher", "nproc_per_node", "global_batch_size", "data_parallel")
 
     learning_rate: float = Field(2e-4, gt=0, description="TrainingArguments.learning_rate.")
     max_steps: Optional[int] = Field(None, gt=0, description="TrainingArguments.max_steps; "
@@ -473,8 +568,8 @@ class TrainingSection(_Section):
     seed: int = Field(42, description="TrainingArguments.seed; also the eval split's seed.")
     launcher: Literal["auto", "single", "torchrun"] = Field(
         "auto", description="How training runs: single (in the task's process), torchrun "
-        "(torch.distributed.run over nproc_per_node processes: DDP for 16/32-bit LoRA, FSDP "
-        "for 4-bit QLoRA), auto (torchrun when more than one GPU is visible).")
+        "(torch.distributed.run over nproc_per_node processes, data-parallel as "
+        "training.data_parallel says), auto (torchrun when more than one GPU is visible).")
     nproc_per_node: Optional[int] = Field(
         None, gt=0, description="torchrun --nproc_per_node; null: every visible GPU.")
     global_batch_size: Optional[int] = Field(
@@ -482,10 +577,36 @@ class TrainingSection(_Section):
         "gradient_accumulation_steps is derived as global / (per_device_batch_size × "
         "processes), so one profile means the same training on 1 or N GPUs. null: use "
         "gradient_accumulation_steps as given.")
+    data_parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How several training processes share the work: ddp (each "
+        "holds the whole model, gradients are averaged: fastest when it fits), fsdp (the "
+        "weights are sharded over the processes: for a model that does not fit one GPU; "
+        "a 4-bit base needs quantization.quant_storage bfloat16, float16 or float32), auto "
+        "(the launcher chooses from the memory plan: ddp when the model, quantized or not, "
+        "plus its activations fit one GPU, fsdp only when they do not). One process: "
+        "ignored.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list, description="TrainingArguments.report_to: where transformers' "
+        "own integrations also send the logged metrics — tensorboard (event files in the "
+        "run directory), mlflow, wandb, trackio; each needs its package installed (loraflow "
+        "extras). Empty: none (loss and the other metrics still go to the Prefect logs and "
+        "the progress artifact).")
+
+    @field_validator("report_to")
+    @classmethod
+    def _check_report_to(cls, value):
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:
+            raise ValueError(f"training.report_to: {', '.join(repeated)} listed more than "
+                             "once. Fix: name each integration once, e.g. [tensorboard, "
+                             "mlflow].")
+        return value
 
 
 class PublishSection(_Section):
     """Where the adapter is published."""
+
+    form_order = ("repo_id", "when", "tag", "private")
 
     repo_id: RepoId = Field(description="Target Hub repo id, namespace/name (create_repo's "
                          "repo_id); the token's user must be able to write to the namespace.")
@@ -495,7 +616,7 @@ class PublishSection(_Section):
     license: Optional[str] = Field(None, description="The card's license (ModelCardData."
                                    "license); null: inherited from the base model's card.")
     merged: bool = Field(False, description="Also push the base with the adapter merged in, "
-                         "as 16-bit safetensors (merge_and_unload), to <repo_id>-merged.")
+                         "as 16-bit safetensors (merge_and_unload), to `<repo_id>-merged`.")
     when: Literal["inline", "on_approval"] = Field(
         "inline", description="inline: the run publishes the adapter right after training "
         "and verifies the Hub copy. on_approval: it stops after training and a check of "
@@ -505,6 +626,9 @@ class PublishSection(_Section):
 
 class Profile(_Section):
     """A complete fine-tuning run: base model, quantization, adapter, data, training, publish."""
+
+    # The form asks for what has no default first (model, data, publish).
+    form_order = ("model", "data", "publish", "lora", "training", "quantization")
 
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -528,6 +652,18 @@ class Profile(_Section):
             raise ValueError("model.trust_remote_code: remote code runs only from a pinned "
                              "commit. Fix: set model.revision to a 40-hex commit sha, or "
                              "set model.trust_remote_code to false.")
+        if self.training.data_parallel != "auto" and self.training.launcher == "single":
+            raise ValueError(f"training.data_parallel: {self.training.data_parallel} shares "
+                             "the work of several processes, but training.launcher is single "
+                             "(one process). Fix: set training.launcher to torchrun or auto, "
+                             "or training.data_parallel to auto.")
+        if self.training.data_parallel == "fsdp" and self.quantization.mode in ("nf4", "fp4") \
+                and self.quantization.quant_storage == "uint8":
+            raise ValueError("training.data_parallel: FSDP shards a 4-bit base only when its "
+                             "packed weights are stored as a float dtype (peft's FSDP-QLoRA "
+                             "recipe), and quantization.quant_storage is uint8. Fix: set "
+                             "quantization.quant_storage to bfloat16, or training."
+                             "data_parallel to auto or ddp.")
         if self.training.eval_steps and self.data.eval_split == 0:
             raise ValueError("training.eval_steps: evaluation needs held-out data. Fix: set "
                              "data.eval_split above 0, or training.eval_steps to null.")

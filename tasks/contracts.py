@@ -117,6 +117,9 @@ class MemoryReport(BaseModel):
     gpus: list[Gpu] = []
     # Under training.memory_cap_gib: the training fields chosen to fit the cap.
     training: Optional[dict] = None
+    # Over several processes: the data-parallel engine ("ddp" | "fsdp") and why.
+    data_parallel: Optional[str] = None
+    data_parallel_reason: Optional[str] = None
 
 
 # ------------------------------------------------------------ preflight

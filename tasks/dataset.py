@@ -40,6 +40,7 @@ from profiles.schema import DataSection
 from tasks import errors, settings
 from tasks.cache.keys import cache_key, code_inputs
 from tasks.cache.manifest import changed_files, read_manifest, write_manifest
+from tasks.cache.policy import cache_options
 from tasks.contracts import DatasetManifest, DatasetRef, SnapshotManifest
 from tasks.data.chat import (
     TemplateFailure,
@@ -435,7 +436,8 @@ def dataset_is_cached_and_intact(data, source, snapshot, seed, **_) -> bool:
     return changed_files(dataset_dir(data, source, snapshot, seed)) == []
 
 
-@task(name="dataset", **TRANSIENT_RETRIES)
+@task(name="dataset", **cache_options(dataset_key, dataset_is_cached_and_intact),
+      **TRANSIENT_RETRIES)
 def prepare_dataset(data: DataSection, source: DatasetRef, snapshot: SnapshotManifest,
                     seed: int) -> DatasetManifest:
     """Prefect task: run_prepare_dataset, cached by dataset_key."""

@@ -33,6 +33,7 @@ from tasks.cache.manifest import (
     sha256_file,
     write_manifest,
 )
+from tasks.cache.policy import cache_options
 from tasks.contracts import (
     ADAPTER_PATTERNS,
     SNAPSHOT_PATTERNS,
@@ -252,7 +253,8 @@ def download_is_cached_and_intact(model: ModelRef, adapter: Optional[AdapterRef]
         adapter is None or changed_files(adapter_download_dir(adapter)) == [])
 
 
-@task(name="download", **TRANSIENT_RETRIES)
+@task(name="download", **cache_options(download_key, download_is_cached_and_intact),
+      **TRANSIENT_RETRIES)
 def download_snapshot(model: ModelRef, adapter: Optional[AdapterRef] = None) -> SnapshotManifest:
     """Prefect task: run_download, cached by download_key."""
     return run_download(model, adapter)

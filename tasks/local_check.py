@@ -15,6 +15,7 @@ from profiles.schema import Profile
 from tasks import errors
 from tasks.cache.keys import code_version, stable_hash
 from tasks.cache.manifest import sha256_file
+from tasks.cache.policy import cache_options
 from tasks.contracts import RECORD, LocalCheckResult, SnapshotManifest, TrainResult
 
 PROBE = "Below is an instruction that describes a task. Write a response."
@@ -69,7 +70,7 @@ def run_local_check(train: TrainResult, snapshot: SnapshotManifest,
                             max_abs_diff_vs_base=effect)
 
 
-@task(name="local_check")
+@task(name="local_check", **cache_options(local_check_key))
 def check_local_adapter(train: TrainResult, snapshot: SnapshotManifest,
                         profile: Profile) -> LocalCheckResult:
     """Prefect task: run_local_check, cached by (base commit, adapter sha256)."""

@@ -13,6 +13,7 @@ from prefect import task
 
 from profiles.schema import Profile
 from tasks import errors, settings
+from tasks.cache.policy import REPORT_HOOKS
 from tasks.contracts import RECORD, PublishResult, SnapshotManifest, TrainResult
 from tasks.hub import hub_api
 from tasks.model_tasks import head_kwargs, record_labels, task_type, tied_weight_keys
@@ -219,7 +220,7 @@ def run_publish_merged(train: TrainResult, snapshot: SnapshotManifest, profile: 
                                          endpoint=settings.hub_endpoint()) from None
 
 
-@task(name="publish-merged")
+@task(name="publish-merged", **REPORT_HOOKS)
 def publish_merged(train: TrainResult, snapshot: SnapshotManifest, profile: Profile,
                    adapter: PublishResult) -> PublishResult:
     """Prefect task: run_publish_merged. Idempotent like the adapter's publish."""

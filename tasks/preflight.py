@@ -19,6 +19,7 @@ from prefect import task
 
 from profiles.schema import Profile
 from tasks import errors, settings
+from tasks.cache.policy import REPORT_HOOKS
 from tasks.contracts import (
     ADAPTER_PATTERNS,
     SNAPSHOT_PATTERNS,
@@ -422,7 +423,7 @@ def run_preflight(profile: Profile) -> PreflightReport:
                            target_repo=profile.publish.repo_id, memory=mem, adapter=adapter)
 
 
-@task(name="preflight", **TRANSIENT_RETRIES)
+@task(name="preflight", **REPORT_HOOKS, **TRANSIENT_RETRIES)
 def preflight(profile: Profile) -> PreflightReport:
     """Prefect task: run_preflight, never cached."""
     return run_preflight(profile)

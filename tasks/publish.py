@@ -29,9 +29,10 @@ from prefect import task
 
 from profiles.schema import PublishSection
 from tasks import errors, settings
+from tasks.cache.policy import REPORT_HOOKS
 from tasks.contracts import ADAPTER_FILES, RECORD, PublishResult, TrainResult
 from tasks.hub import hub_api
-from tasks.publication.commit import ensure_repo, push_bundle
+from tasks.publication.commit import ensure_repo, planned_tag, push_bundle
 from tasks.publication.modelcard import publication_files
 from tasks.retry import TRANSIENT_RETRIES
 
@@ -77,9 +78,11 @@ def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
 
     try:
         ensure_repo(api, publish.repo_id, publish.private)
+        # The card pins its snippets to the version tag: known before rendering.
+        tag = planned_tag(api, publish.repo_id, train.adapter_sha256, publish.tag)
+        publish = publish.model_copy(update={"tag": tag})
         result = push_bundle(api, publish.repo_id, adapter_bundle(run_dir, record, publish),
-                             train.adapter_sha256, publish.tag,
-                             summary="loraflow: publish adapter")
+                             train.adapter_sha256, tag, summary="loraflow: publish adapter")
     except hf.HfHubHTTPError as exc:
         raise errors.translate_hub_error(
             exc, repo_id=publish.repo_id, endpoint=settings.hub_endpoint(),
@@ -91,7 +94,7 @@ def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
     return result
 
 
-@task(name="publish", **TRANSIENT_RETRIES)
+@task(name="publish", **REPORT_HOOKS, **TRANSIENT_RETRIES)
 def publish_adapter(train: TrainResult, publish: PublishSection) -> PublishResult:
     """Prefect task: run_publish. Not cached: idempotent against the repo itself, which
     is what makes retrying it on a transient error safe (see the module docstring)."""

@@ -18,6 +18,12 @@ def loraflow_home() -> Path:
     return home.expanduser().resolve()
 
 
+def lock_dir() -> Path:
+    """Where the cache locks live: LORAFLOW_HOME/locks (shared by every host that shares
+    the home, which is what makes them cross-host locks)."""
+    return loraflow_home() / "locks"
+
+
 def check_home_writable() -> Path:
     """LORAFLOW_HOME, created if missing and proven writable by writing a file in it.
 

@@ -14,6 +14,7 @@ from prefect import task
 from profiles.schema import Profile
 from tasks import errors, settings
 from tasks.cache.keys import stable_hash
+from tasks.cache.policy import cache_options
 from tasks.contracts import (
     ADAPTER_FILES,
     RECORD,
@@ -75,7 +76,7 @@ def run_verify(publication: PublishResult, train: TrainResult, snapshot: Snapsho
     return result
 
 
-@task(name="verify", **TRANSIENT_RETRIES)
+@task(name="verify", **cache_options(verify_key), **TRANSIENT_RETRIES)
 def verify_publication(publication: PublishResult, train: TrainResult,
                        snapshot: SnapshotManifest, profile: Profile) -> VerifyResult:
     """Prefect task: run_verify, cached by (Hub commit, adapter sha256)."""

@@ -3,8 +3,9 @@
 
 loraflow's own launcher (tasks.training.launch.py) runs torchrun on one host (--standalone).
 Across hosts, every pod must run torchrun itself, so the steps before training run
-here, once: the fine-tuning flow's preflight, download and dataset tasks — with the
-same content-keyed caching, into LORAFLOW_HOME, the volume every pod mounts at the same
+here, once: the fine-tuning flow's preflight, download and dataset steps (its
+`prepare_inputs`, so a continued adapter is downloaded here too) — with the same
+content-keyed caching, into LORAFLOW_HOME, the volume every pod mounts at the same
 path — then RUN_DIR/launch.json is written with the inputs train_adapter hands to
 its torchrun job. The last line printed is RUN_DIR.
 
@@ -27,36 +28,24 @@ from prefect import flow  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from flows.approval import request_publication  # noqa: E402
-from flows.finetune import cached  # noqa: E402
+from flows.finetune import prepare_inputs  # noqa: E402
 from profiles.loader import load_profile  # noqa: E402
 from profiles.schema import Profile  # noqa: E402
-from tasks.dataset import dataset_is_cached_and_intact, dataset_key, prepare_dataset
-from tasks.download import (
-    download_is_cached_and_intact,
-    download_key,
-    download_snapshot,
-)
-from tasks.preflight import preflight
-from tasks.train import run_dir_for, train_key
-from tasks.training.launch import LAUNCH_FILE
+from tasks.train import launch_inputs  # noqa: E402
+from tasks.training.launch import LAUNCH_FILE  # noqa: E402
 
 
 @flow(name="loraflow-prepare-multinode", log_prints=True)
 def prepare_multinode(profile: Profile) -> str:
-    """preflight → download → dataset, then RUN_DIR/launch.json; returns RUN_DIR."""
-    pre = preflight(profile)
-    snapshot = cached(download_snapshot, download_key, download_is_cached_and_intact)(
-        model=pre.base_model, adapter=pre.adapter)
-    data = cached(prepare_dataset, dataset_key, dataset_is_cached_and_intact)(
-        data=profile.data, source=pre.dataset, snapshot=snapshot, seed=profile.training.seed)
-    run_dir = run_dir_for(train_key(profile, snapshot, data))
+    """preflight → download → dataset (the fine-tuning flow's own `prepare_inputs`), then
+    RUN_DIR/launch.json; returns RUN_DIR."""
+    pre, snapshot, data = prepare_inputs(profile)
+    # What train_adapter writes before its own torchrun (tasks.train.launch_inputs: the
+    # manifests, the key inputs and the run directory); this flow run's id goes into the
+    # run record as the run that launched it.
+    inputs = launch_inputs(profile, pre, snapshot, data, str(flow_run.id))
+    run_dir = Path(inputs["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    # The same inputs train_adapter writes before its own torchrun (tasks/train.py);
-    # this flow run's id goes into the run record as the run that launched it.
-    inputs = {"profile": profile.model_dump(mode="json"),
-              "preflight": pre.model_dump(mode="json"),
-              "snapshot": snapshot.model_dump(mode="json"),
-              "dataset": data.model_dump(mode="json"), "flow_run_id": str(flow_run.id)}
     (run_dir / LAUNCH_FILE).write_text(json.dumps(inputs))
     # Where pod 0's `loraflow publish RUN_DIR` publishes once training is done.
     request_publication(str(run_dir), profile.publish)

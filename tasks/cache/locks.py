@@ -114,10 +114,25 @@ class OrphanBreakingLockManager(FileSystemLockManager):
     that several hosts mount this is the multi-host lock manager.
     """
 
-    def __init__(self, lock_files_directory: Path, lease_seconds: Optional[float] = None):
-        super().__init__(Path(lock_files_directory))
+    def __init__(self, lock_files_directory: Optional[Path] = None,
+                 lease_seconds: Optional[float] = None):
+        """
+        Args:
+            lock_files_directory: where the lock files live; None: LORAFLOW_HOME/locks,
+                resolved at each use (a step's policy is built at import, while
+                LORAFLOW_HOME may be set later, or change between runs of one process).
+            lease_seconds: the cross-host lease; None: LORAFLOW_LOCK_LEASE_S at each use.
+        """
+        self._directory = (None if lock_files_directory is None
+                           else Path(lock_files_directory).expanduser().resolve())
+        self._locks = {}  # FileSystemLockManager's own bookkeeping (its __init__ is not run)
         self.lease = lease_seconds
         self._observed: dict[str, tuple[tuple, float]] = {}
+
+    @property
+    def lock_files_directory(self) -> Path:
+        """The directory given, or LORAFLOW_HOME/locks as it is now."""
+        return self._directory if self._directory is not None else settings.lock_dir()
 
     def _lease(self) -> float:
         return self.lease if self.lease is not None else settings.lock_lease_seconds()

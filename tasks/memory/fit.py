@@ -2,7 +2,7 @@
 and the plan preflight records."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from profiles.schema import Profile
 from tasks import errors
@@ -184,6 +184,51 @@ def fit_to_cap(profile: Profile, tensors: TensorSpecs, config: dict, on_gpu: boo
         "(quantization.mode nf4) or shorten data.max_length.")
 
 
+def choose_data_parallel(profile: Profile, report: MemoryReport, processes: int,
+                         fsdp_estimate: Callable[[], MemoryEstimate]) -> MemoryReport:
+    """The data-parallel engine for `processes` processes, and why (training.data_parallel).
+
+    auto: DDP when a full copy — the (4-bit or 16-bit) weights plus one process's adapter,
+    optimizer and activations, `report.estimate` — fits one GPU: every rank holds its own
+    copy and a step exchanges only the adapter's gradients. FSDP only when it does not: it
+    shards the frozen weights over the processes and all-gathers them in every forward and
+    backward (measured 0.61× one GPU for an 8B QLoRA that fits one H200, docs/benchmarks.md),
+    so it buys memory, not speed. Without GPUs to compare (CPU, gloo), DDP.
+
+    Args:
+        profile: the profile (training.data_parallel: auto | ddp | fsdp).
+        report: the single-process plan (place()), its estimate with Liger where DDP runs it.
+        processes: how many processes train (> 1).
+        fsdp_estimate: the estimate as FSDP runs it (without Liger), computed on demand.
+    Returns:
+        The report with data_parallel, data_parallel_reason and, under FSDP, `fits` for
+        one process's shard.
+    """
+    engine, full = profile.training.data_parallel, report.estimate
+    cap = report.capacity_bytes
+    if engine == "ddp" or (engine == "auto" and report.fits is not False):
+        if engine == "ddp":
+            why = "training.data_parallel: ddp, the profile's choice"
+        elif report.fits:
+            why = (f"auto: a full copy per process fits one GPU ({full.peak_bytes / GiB:.1f} of "
+                   f"{cap / GiB:.1f} GiB usable), so DDP: no weight all-gathers, each step "
+                   "exchanges only the adapter's gradients")
+        else:
+            why = "auto: no GPU memory to compare, so DDP (each process holds a full copy)"
+        return report.model_copy(update={"data_parallel": "ddp", "data_parallel_reason": why})
+    sharded = fsdp_estimate()
+    shard = sharded.peak_bytes - sharded.weights_bytes * (processes - 1) // processes
+    fits = report.fits if cap is None else shard * (1 + HEADROOM) <= cap
+    if engine == "fsdp":
+        why = "training.data_parallel: fsdp, the profile's choice"
+    else:
+        why = (f"auto: a full copy needs {full.peak_bytes / GiB:.1f} GiB, more than one GPU's "
+               f"{cap / GiB:.1f} GiB usable, so FSDP shards the weights over {processes} "
+               f"processes (about {shard / GiB:.1f} GiB each)")
+    return report.model_copy(update={"data_parallel": "fsdp", "data_parallel_reason": why,
+                                     "fits": fits})
+
+
 def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
                 gpus: Optional[list[Gpu]] = None, ram_bytes: Optional[int] = None
                 ) -> MemoryReport:
@@ -200,7 +245,9 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
     on_gpu = bool(gpus) and profile.model.device_map != "cpu"
     bf16_ok = all(g.bf16 for g in gpus) if gpus else True
     processes = resolve_launcher(profile.training, len(gpus))[1]
-    fused_loss = liger_expected(profile, on_gpu, processes, config.get("model_type"))
+    forced_fsdp = processes > 1 and profile.training.data_parallel == "fsdp"
+    fused_loss = liger_expected(profile, on_gpu, processes, config.get("model_type"),
+                                sharded=forced_fsdp)
     chosen = None
     if profile.training.memory_cap_gib is not None:
         chosen = fit_to_cap(profile, tensors, config, on_gpu, bf16_ok, processes, fused_loss)
@@ -209,6 +256,10 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
                                         bf16_ok=bf16_ok, fused_loss=fused_loss)
     report = place(profile, estimate, gpus, ram_bytes)
     report.training = chosen
+    if processes > 1:
+        report = choose_data_parallel(profile, report, processes, lambda: (
+            estimate_training_memory(profile, tensors, config, on_gpu=on_gpu, bf16_ok=bf16_ok,
+                                     fused_loss=False)))
     if report.fits is False:
         fixes = suggestions(profile, tensors, config, gpus, ram_bytes, fused_loss)
         fix = ("Fix, any of: " + "; ".join(fixes)) if fixes else (

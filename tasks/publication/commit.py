@@ -121,6 +121,33 @@ def _made_by_this_run(api, repo_id: str, head: str, key: Optional[tuple]) -> boo
     return mine["commit"] == head
 
 
+def planned_tag(api, repo_id: str, adapter_sha256: str, wanted: Optional[str]) -> str:
+    """The tag a publication will carry, known before its files are rendered, so the card
+    can pin its loading snippets to it: `wanted`; else the tag already on the head when the
+    head holds this adapter (a re-publish renders the same bytes); else the next free vN.
+    Should another publisher take that vN before this one tags, tagging refuses it (a
+    PublishError) rather than renumber under a card that names it; a re-run picks the next.
+
+    Args:
+        api: an HfApi with the token.
+        repo_id: the target repo (it exists).
+        adapter_sha256: the adapter's sha256, as the lineage names it.
+        wanted: publish.tag, or None.
+    Returns:
+        The tag name.
+    """
+    if wanted:
+        return wanted
+    tags = _tag_targets(api, repo_id)
+    head = api.model_info(repo_id).sha
+    current = _head_lineage(api, repo_id, head)
+    if current and (current.get("adapter") or {}).get("sha256") == adapter_sha256:
+        on_head = sorted(t for t, commit in tags.items() if commit == head)
+        if on_head:
+            return on_head[0]
+    return _next_version(tags)
+
+
 def push_bundle(api, repo_id: str, files: dict[str, object], adapter_sha256: str,
                 wanted_tag: Optional[str], summary: str) -> PublishResult:
     """Commit `files` (path in repo → bytes or local path) atomically, unless the head

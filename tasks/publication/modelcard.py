@@ -138,12 +138,26 @@ def _continued(record: dict) -> str:
 GENERATES = ("causal-lm", "seq2seq-lm")
 
 
-def loading_snippet(record: dict, repo_id: str) -> str:
+def _revision(tag: Optional[str]) -> str:
+    """The `, revision="…"` argument that pins a load to the published version, or ''."""
+    return f', revision="{tag}"' if tag else ""
+
+
+def loading_snippet(record: dict, repo_id: str, tag: Optional[str] = None) -> str:
     """Python that loads the published adapter with plain clients and runs a batch of
     two texts of different lengths through it. The tokenizer comes from the adapter repo:
     it carries the pad token training chose (EOS where the base has none) and the chat
     template the data used; the base's config learns that pad id, which a classifier
-    needs to find each row's last token and generate needs to pad."""
+    needs to find each row's last token and generate needs to pad.
+
+    Args:
+        record: the training's record.json.
+        repo_id: the repo the adapter is published in.
+        tag: the version tag of this publication: the adapter and its tokenizer are
+            loaded at it (the base at its pinned commit). None: the repo's default branch.
+    Returns:
+        Python source.
+    """
     base = record["base_model"]
     task = record["profile"]["model"].get("task", "causal-lm")
     auto, head_args = base_loader(record)
@@ -151,11 +165,11 @@ def loading_snippet(record: dict, repo_id: str) -> str:
         "from peft import PeftModel",
         f"from transformers import {auto}, AutoTokenizer",
         "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{_revision(tag)})',
         f'base = {auto}.from_pretrained("{base["repo_id"]}", revision="{base["commit"]}"'
         f"{head_args})",
         "base.config.pad_token_id = tokenizer.pad_token_id",
-        f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+        f'model = PeftModel.from_pretrained(base, "{repo_id}"{_revision(tag)})',
         "",
     ]
     if task == "causal-lm":
@@ -185,16 +199,51 @@ def _prompt_section(record: dict) -> str:
     return f"## How to prompt it\n\n{guide}\n" if guide else ""
 
 
-def _pipeline_line(record: dict, repo_id: str) -> str:
-    """How to use the adapter through transformers' `pipeline`, where the task has one
-    (transformers 5 has no text2text pipeline for seq2seq)."""
+def one_call_loading(record: dict, repo_id: str, tag: Optional[str] = None) -> str:
+    """Markdown: the one-call ways to load the adapter, and which of them keep a version
+    tag. What each does with `revision` was checked with the real clients (transformers
+    5.23, peft 0.21) against a Hub-compatible server: transformers' adapter
+    auto-detection (`from_pretrained(adapter_repo)`, and `pipeline`, which uses it) passes
+    `revision` to the *base* too, where the adapter's tag does not exist ("… is not a
+    valid git identifier"); its `adapter_kwargs={"revision": …}` reaches the adapter
+    only. peft's AutoPeftModel classes load the adapter at `revision` and the base at
+    the commit adapter_config.json names.
+
+    Args:
+        record: the training's record.json.
+        repo_id: the repo the adapter is published in.
+        tag: this publication's tag; None: the lines load the default branch.
+    Returns:
+        The card's "One call" section body.
+    """
     task = record["profile"]["model"].get("task", "causal-lm")
-    if task == "seq2seq-lm":
-        return ""
-    return (" A `pipeline` given only the adapter repo loads the *base's* tokenizer; pass "
-            "this repo's too, which carries training's pad token and chat template:\n"
-            f'`pipeline("{task_type(task).pipeline_tag}", model="{repo_id}", '
-            f'tokenizer="{repo_id}")`.')
+    auto, head_args = base_loader(record)
+    base = record["base_model"]
+    at = f"at `{tag}`" if tag else "at the default branch"
+    adapter_kwargs = f', adapter_kwargs={{"revision": "{tag}"}}' if tag else ""
+    lines = []
+    if task in GENERATES:
+        peft_auto = auto.replace("AutoModel", "AutoPeftModel")
+        lines.append(f'- `{peft_auto}.from_pretrained("{repo_id}"{_revision(tag)})` (peft): '
+                     f"the adapter {at}, the base at the commit its adapter_config.json "
+                     f"names (`{base['commit']}`).")
+    lines.append(f'- `{auto}.from_pretrained("{repo_id}"{adapter_kwargs}{head_args})` '
+                 f"(transformers' adapter auto-detection): the adapter {at}, the base "
+                 "at its default branch.")
+    if task != "seq2seq-lm":  # transformers 5 has no text2text pipeline
+        tokenizer = (f'AutoTokenizer.from_pretrained("{repo_id}"{_revision(tag)})' if tag
+                     else f'"{repo_id}"')
+        kwargs = (f', model_kwargs={{"adapter_kwargs": {{"revision": "{tag}"}}}}' if tag
+                  else "")
+        lines.append(f'- `pipeline("{task_type(task).pipeline_tag}", model="{repo_id}", '
+                     f"tokenizer={tokenizer}{kwargs})`: the same. Pass this repo's "
+                     "tokenizer: given only the adapter repo, `pipeline` loads the *base's*, "
+                     "without training's pad token and chat template.")
+    if tag:
+        lines.append(f'\nNot `revision="{tag}"` on `{auto}.from_pretrained` or `pipeline`: '
+                     "transformers passes it to the base model too, which has no such tag, "
+                     "and the load fails.")
+    return "\n".join(lines)
 
 
 def data_counts(data: dict) -> list[str]:
@@ -236,7 +285,9 @@ def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None
     Args:
         record: the training's record.json.
         repo_id: the repo the card is published in.
-        publish: the publish section given at publish time (its license).
+        publish: the publish section given at publish time: its license, and its tag —
+            the version this publication creates, which the loading snippets pin (None:
+            they load the default branch).
     Returns:
         The card's text.
     """
@@ -244,7 +295,9 @@ def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None
 
     profile, base, data = record["profile"], record["base_model"], record["dataset"]
     metrics, adapter = record["metrics"], record["adapter"]
-    auto, head_args = base_loader(record)
+    tag = (publish or {}).get("tag")
+    version_line = (f"This is version `{tag}` (a tag of this repo); the snippets load it "
+                    "whatever the repo holds later.\n\n" if tag else "")
     data_section = public_data_section(profile["data"], data)
     counts = ("; " + ", ".join(data_counts(data))) if data_counts(data) else ""
     data_pin = (f"`{data['id']}` at commit `{data['commit']}` (revision `{data['revision']}`)"
@@ -259,6 +312,10 @@ def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)
     hw = record["hardware"]
     hardware = ", ".join(hw["gpus"]) if hw["gpus"] else f"CPU ({hw['cpu']})"
+    spread = record.get("distributed")
+    if spread:  # over several processes: which engine ran, and why the plan chose it
+        hardware += (f"; {spread['world_size']} processes, {spread['strategy'].upper()}"
+                     + (f" ({spread['why']})" if spread.get("why") else ""))
     run_link = (f"[{record['flow_run_id']}]({record['flow_run_url']})"
                 if record.get("flow_run_url") else f"`{record['flow_run_id']}`")
     body = f"""
@@ -271,11 +328,12 @@ published by loraflow. Everything needed to reproduce the run is on this page an
 ## How to load it
 
 ```python
-{loading_snippet(record, repo_id)}
+{loading_snippet(record, repo_id, tag)}
 ```
 
-With peft installed, `{auto}.from_pretrained("{repo_id}"{head_args})` loads the base
-and the adapter in one call.{_pipeline_line(record, repo_id)}
+{version_line}In one call, with peft installed:
+
+{one_call_loading(record, repo_id, tag)}
 
 {_prompt_section(record)}## Inputs
 

@@ -64,6 +64,30 @@ def resolved_targets(lora: LoraSection, linears: list[str], heads: Iterable[str]
     return sorted({leaf(n) for n in linears if n not in heads} - head_leaves)
 
 
+def leaf_named_targets(lora: LoraSection, base) -> LoraSection:
+    """lora with 'all-linear' written out as the sorted leaf names peft would wrap, where
+    they select exactly the modules 'all-linear' does (peft expands 'all-linear' to full
+    module paths in adapter_config.json; leaf names are the convention there and read the
+    same on every run). Kept as 'all-linear' where a leaf name would also pick an excluded
+    output head — except with layers_to_transform, which peft takes with a list of names
+    only, and IA3, whose own config check refuses full paths next to leaf-named
+    feedforward_modules.
+
+    Args:
+        lora: the profile's lora section, target_modules 'all-linear'.
+        base: the loaded transformers model.
+    Returns:
+        The section to build the peft config from.
+    """
+    linears, heads, _ = model_modules(base)
+    leaves = lora.model_copy(update={"target_modules": resolved_targets(lora, linears, heads)})
+    if lora.layers_to_transform is not None or lora.method == "ia3":
+        return leaves
+    paths = lora.model_copy(update={"target_modules": [n for n in linears if n not in heads]})
+    same = targeted_names(leaves, linears) == targeted_names(paths, linears)
+    return leaves if same else lora
+
+
 def targeted_names(lora: LoraSection, linears: list[str], heads: Iterable[str] = ()) -> list[str]:
     """The linear modules (full paths) the adapter wraps, by peft's rules: target_modules,
     then exclude_modules, modules_to_save (never both) and layers_to_transform."""
@@ -393,13 +417,8 @@ def attach_adapter(base, lora: LoraSection, task: str = "causal-lm",
     """
     from peft import PeftModel, get_peft_model
 
-    if lora.target_modules == "all-linear" and (lora.layers_to_transform is not None
-                                                or lora.method == "ia3"):
-        # peft takes layers_to_transform with a list of names only; and IA3 saves an
-        # 'all-linear' adapter with full paths, which its own config check then refuses
-        # to load next to leaf-named feedforward_modules.
-        linears, heads, _ = model_modules(base)
-        lora = lora.model_copy(update={"target_modules": resolved_targets(lora, linears, heads)})
+    if lora.target_modules == "all-linear":
+        lora = leaf_named_targets(lora, base)
     config = peft_config(lora, task, base)
     if continue_from is None:
         if lora.low_cpu_mem_usage:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from profiles.schema import TrainingSection
 from tasks import errors
+from tasks.memory import devices
 
 LAUNCH_FILE = "launch.json"
 WORKER_ERROR = "worker_error.json"
@@ -28,23 +28,15 @@ TRANSIENT_WORKER_ERRORS = {"DistBackendError", "DistNetworkError", "DistStoreErr
                            "RendezvousError", "ChildFailedError"}
 
 
-def visible_gpus() -> int:
-    """GPUs visible to this process, without importing torch (CUDA_VISIBLE_DEVICES,
-    else nvidia-smi)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return len(re.findall(r"^GPU \d+", out.stdout, re.M)) if out.returncode == 0 else 0
-
-
 def resolve_launcher(training: TrainingSection, gpus: Optional[int] = None) -> tuple[str, int]:
-    """("single", 1) or ("torchrun", nproc) for this machine (or `gpus` GPUs, when the
-    caller has counted them already) and profile."""
-    gpus = visible_gpus() if gpus is None else gpus
+    """("single", 1) or ("torchrun", nproc) for this machine and profile.
+
+    Args:
+        training: the profile's training section (launcher, nproc_per_node).
+        gpus: how many GPUs to plan for, when the caller has counted them already;
+            else those of the one device inventory (tasks.memory.devices.visible_gpus).
+    """
+    gpus = len(devices.visible_gpus()) if gpus is None else gpus
     nproc = training.nproc_per_node or max(gpus, 1)
     if training.launcher == "single" or (training.launcher == "auto" and gpus <= 1
                                          and not training.nproc_per_node):
@@ -52,10 +44,17 @@ def resolve_launcher(training: TrainingSection, gpus: Optional[int] = None) -> t
     return ("torchrun", nproc) if nproc > 1 or training.launcher == "torchrun" else ("single", 1)
 
 
-def world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) of this process (0, 0, 1 outside torchrun)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
+class World(NamedTuple):
+    """Where this process stands in a torchrun job."""
+    rank: int
+    local_rank: int
+    size: int
+
+
+def world() -> World:
+    """This process's rank, local rank and world size (0, 0, 1 outside torchrun)."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def accumulation_steps(training: TrainingSection, world_size: int) -> int:
@@ -73,7 +72,7 @@ def accumulation_steps(training: TrainingSection, world_size: int) -> int:
 
 def report_worker_error(run_dir: Path, exc: BaseException) -> None:
     """Called in a rank that failed: its exception type, for the parent to classify."""
-    rank = world()[0]
+    rank = world().rank
     path = Path(run_dir) / WORKER_ERROR
     payload = {"rank": rank, "type": type(exc).__name__, "message": str(exc)[:2000],
                "transient": type(exc).__name__ in TRANSIENT_WORKER_ERRORS,
@@ -83,7 +82,19 @@ def report_worker_error(run_dir: Path, exc: BaseException) -> None:
 
 
 def run_torchrun(run_dir: Path, inputs: dict, nproc: int, log=print) -> None:
-    """torch.distributed.run over `nproc` local processes; raises a typed error on failure."""
+    """torch.distributed.run over `nproc` local processes of tasks.training.worker.
+
+    Args:
+        run_dir: the run directory; the launch file is written there.
+        inputs: what the workers read from the launch file (train_adapter's launch inputs).
+        nproc: processes to start.
+        log: where the ranks' output lines go.
+
+    Raises:
+        DistributedTrainingError: a rank died or a collective broke (transient: a retry
+            resumes from the last checkpoint).
+        TrainingError: a rank failed for a reason a retry does not heal.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LAUNCH_FILE).write_text(json.dumps(inputs))
     (run_dir / WORKER_ERROR).unlink(missing_ok=True)
@@ -91,7 +102,7 @@ def run_torchrun(run_dir: Path, inputs: dict, nproc: int, log=print) -> None:
            f"--nproc_per_node={nproc}", "-m", "tasks.training.worker", str(run_dir / LAUNCH_FILE)]
     log(f"launching {nproc} training processes: {' '.join(cmd[1:])}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ.copy(), cwd=Path(__file__).resolve().parents[1])
+                            env=os.environ.copy(), cwd=Path(__file__).resolve().parents[2])
     for line in proc.stdout:  # stream the ranks' output into the task's log
         log(line.rstrip())
     code = proc.wait()

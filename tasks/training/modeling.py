@@ -150,6 +150,16 @@ def check_target_modules(base, lora: LoraSection) -> list[str]:
     return check(base, lora)
 
 
+def adapter_weights(model) -> dict:
+    """The adapter's tensors, named as in adapter_model.safetensors, copied to CPU."""
+    from peft import get_peft_model_state_dict
+
+    # save_embedding_layers=False: a targeted lm_head's frozen base weight is not part of
+    # the saved adapter (peft's "auto" would add it, and ask the Hub for the base config).
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
 def inject_adapter(base, lora: LoraSection, quant: QuantizationSection,
                    gradient_checkpointing: bool, sharded: bool = False, *,
                    task: str = "causal-lm", continue_from: str | None = None):

@@ -66,16 +66,19 @@ def liger_model_types() -> Optional[frozenset[str]]:
 
 
 def liger_expected(profile: Profile, cuda: bool, processes: int,
-                   model_type: Optional[str] = None) -> bool:
-    """Whether training will run with Liger (FSDP, for a 4-bit base over several
-    processes, runs without it): auto → on where it can run, for a causal LM (its loss and
+                   model_type: Optional[str] = None, sharded: Optional[bool] = None) -> bool:
+    """Whether training will run with Liger (FSDP runs without it: `sharded`, or when not
+    given, a 4-bit base over several processes with no engine chosen yet): auto → on where it can run, for a causal LM (its loss and
     MLP patches are for decoder-only language models) of a model type Liger has kernels
     for (`model_type`, from config.json; None: not checked), and not when the adapter
     adapts or saves lm_head: Liger's fused linear cross-entropy multiplies by
     lm_head.weight itself, past the adapter, which would then learn nothing there.
     Without importing torch, so the memory estimate can ask too."""
     choice = profile.training.liger_kernel
-    sharded = processes > 1 and profile.quantization.mode in ("nf4", "fp4")
+    if sharded is None:
+        engine = profile.training.data_parallel
+        sharded = processes > 1 and (engine == "fsdp" or (
+            engine == "auto" and profile.quantization.mode in ("nf4", "fp4")))
     if sharded or not cuda or choice is False:
         return False
     if choice is True:

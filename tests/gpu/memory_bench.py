@@ -2,7 +2,7 @@
 preflight estimate (tasks/memory/) for the same profile.
 
 The path is the pipeline's: tasks.training.modeling.load_base_model + inject_adapter, then
-tasks.train.build_trainer's Trainer over a prepared dataset on disk, for a few steps.
+tasks.training.run.build_trainer's Trainer over a prepared dataset on disk, for a few steps.
 Rows are exactly data.max_length tokens (random ids over the whole vocabulary), so the
 estimate's worst case (full-length batches) is what runs.
 """
@@ -49,8 +49,8 @@ def measure(profile, checkpoint: Path, work: Path, steps: int = 3) -> dict:
 
     from tasks.memory.estimate import estimate_training_memory
     from tasks.memory.tensors import read_safetensors_headers
-    from tasks.train import build_trainer
     from tasks.training.modeling import inject_adapter, load_base_model
+    from tasks.training.run import build_trainer
 
     config = json.loads((checkpoint / "config.json").read_text())
     est = estimate_training_memory(profile, read_safetensors_headers(checkpoint), config,

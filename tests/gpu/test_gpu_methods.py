@@ -1,4 +1,4 @@
-"""On a CUDA GPU, through tasks.train.run_train — the code train_adapter runs, Liger
+"""On a CUDA GPU, through tasks.training.run.run_train — the code train_adapter runs, Liger
 included: every adapter method learns a learnable task at real 1B widths, and with
 packing the profile's defaults compile the decoder layers."""
 from __future__ import annotations
@@ -29,7 +29,8 @@ def train(checkpoint, tmp_path, monkeypatch, sets):
     import datasets
 
     from tasks.contracts import DatasetManifest, PreflightReport, SnapshotManifest
-    from tasks.train import run_train
+    from tasks.train import launch_inputs
+    from tasks.training.worker import run_launch
 
     monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path / "home"))
     profile = load_profile("llama-3.2-1b-lora", [
@@ -50,11 +51,12 @@ def train(checkpoint, tmp_path, monkeypatch, sets):
         "base_model": {"repo_id": "gpu/llama-1b-2layer", "revision": "main",
                        "commit": "0" * 40, "gated": False},
         "dataset": {"source": "file", "id": "alphabet", "sha256": "0" * 64}})
-    result = run_train(profile, preflight,
-                       SnapshotManifest(repo_id="gpu/llama-1b-2layer", commit="0" * 40,
-                                        local_dir=str(checkpoint), files=files),
-                       DatasetManifest(path=str(data), key="alphabet", num_train=ROWS,
-                                       num_eval=0, train_tokens=ROWS * SEQ))
+    result = run_launch(launch_inputs(
+        profile, preflight,
+        SnapshotManifest(repo_id="gpu/llama-1b-2layer", commit="0" * 40,
+                         local_dir=str(checkpoint), files=files),
+        DatasetManifest(path=str(data), key="alphabet", num_train=ROWS,
+                        num_eval=0, train_tokens=ROWS * SEQ)))
     return json.loads((Path(result.run_dir) / "record.json").read_text())
 
 

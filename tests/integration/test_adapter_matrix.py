@@ -1,6 +1,6 @@
 """Every adapter option that trains on CPU, one factor at a time, through the pipeline's
 own code: the tiny seeded Llama loaded by tasks.training.modeling, the adapter attached by
-tasks.training.adapters (via inject_adapter), trained by tasks.train.build_trainer's Trainer,
+tasks.training.adapters (via inject_adapter), trained by tasks.training.run.build_trainer's Trainer,
 saved by tasks.training.adapters.save_adapter. Each case asserts that
 
 - peft wrapped exactly the modules tasks.training.adapters.targeted_names predicts (the rule
@@ -76,7 +76,7 @@ def _train(model, profile, tiny_llama_dir, pattern_dataset, out):
     """Train the model's active adapter; (trainable tensors before, losses)."""
     from transformers import AutoTokenizer, set_seed
 
-    from tasks.train import build_trainer
+    from tasks.training.run import build_trainer
 
     set_seed(0)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

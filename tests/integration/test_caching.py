@@ -249,10 +249,6 @@ def _stream(proc: subprocess.Popen, lines: list, start: float) -> None:
         lines.append((time.monotonic() - start, line.rstrip("\n")))
 
 
-def _first(lines, text) -> float:
-    return next(t for t, line in lines if text in line)
-
-
 def test_two_processes_started_together_train_once(hub, tmp_path):
     home, prefect_home = tmp_path / "loraflow", tmp_path / "prefect"  # both shared
     overrides = ["training.max_steps=40", "training.save_steps=20",
@@ -285,17 +281,25 @@ def test_two_processes_started_together_train_once(hub, tmp_path):
     trainer = next(i for i in (0, 1) if states[i]["train"] == "completed")
     waiter = 1 - trainer
     # The trainings overlap in time: the waiter entered its train step before the
-    # trainer finished, and left it only after.
-    t_start = [_first(log, "▶ train") for log in logs]
-    t_end = [_first(log, "✔ train") for log in logs]
-    print(f"train step (seconds after launch): trainer {t_start[trainer]:.1f}–"
+    # trainer finished, and left it only after (the step times are Prefect's: the task
+    # run's creation and its final state, one clock for both processes).
+    from datetime import datetime
+
+    def when(report, edge):
+        return datetime.fromisoformat(report["steps"]["train"][edge]).timestamp() - start0
+
+    start0 = min(datetime.fromisoformat(r["steps"]["preflight"]["started"]).timestamp()
+                 for r in reports)
+    t_start = [when(r, "started") for r in reports]
+    t_end = [when(r, "finished") for r in reports]
+    print(f"train step (seconds after the first preflight): trainer {t_start[trainer]:.1f}–"
           f"{t_end[trainer]:.1f}, waiter {t_start[waiter]:.1f}–{t_end[waiter]:.1f}")
     assert t_start[waiter] < t_end[trainer] <= t_end[waiter] + 0.5, (t_start, t_end)
     assert t_start[trainer] < t_end[waiter]
     waited = reports[waiter]["steps"]["train"]["seconds"]
     assert waited > 1.0, reports[waiter]["steps"]
     # One training attempt in the shared run directory, the same adapter in both reports.
-    from tasks.train import read_step_log
+    from tasks.training.checkpoints import read_step_log
 
     (run_dir,) = list((home / "runs").iterdir())
     assert [e["event"] for e in read_step_log(run_dir)].count("start") == 1

@@ -11,8 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from flows.cli import run_profile
 from profiles.loader import load_profile
+from tasks.contracts import CUDA_CONTEXT_BYTES, Gpu
+from tasks.memory import devices
+from tasks.memory.estimate import HEADROOM
+from tasks.preflight import run_preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 DDP = ["training.launcher=torchrun", "training.nproc_per_node=2",
@@ -35,8 +41,9 @@ def test_two_processes_train_like_one_at_the_same_global_batch(hub, as_user):
     assert _events(run_dir, "train_log.rank1.jsonl"), "rank 1 did not train"
     assert not (run_dir / "adapter" / "training_args.bin").exists()
     record = json.loads((run_dir / "record.json").read_text())
-    assert record["distributed"] == {"world_size": 2, "strategy": "ddp",
-                                     "replicas_identical": True}
+    assert record["distributed"] == {
+        "world_size": 2, "strategy": "ddp", "replicas_identical": True,
+        "why": "auto: no GPU memory to compare, so DDP (each process holds a full copy)"}
     s, d = single["metrics"], ddp["metrics"]
     assert d["steps"] == s["steps"] == 60
     assert d["last_loss"] <= 0.7 * d["first_loss"]
@@ -73,3 +80,40 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(hub, session_dir)
     assert len(starts) == 2 and starts[0]["resume_from"] == 0
     assert starts[1]["resume_from"] >= 20
     assert report["metrics"]["steps"] == 150
+
+
+def _two_gpus(usable: int) -> list[Gpu]:
+    size = CUDA_CONTEXT_BYTES + usable
+    return [Gpu(index=i, name="planned", total_bytes=size, free_bytes=size) for i in range(2)]
+
+
+@pytest.mark.parametrize("room", ["a full copy", "a shard only"])
+def test_the_memory_plan_picks_the_engine_both_processes_run(room, hub, as_user, monkeypatch):
+    """Preflight's plan chooses the data-parallel engine from one GPU's room (GPUs as
+    nvidia-smi would list them; training itself runs on CPU, gloo): DDP when a full copy
+    fits one GPU, FSDP when only a shard of the weights does. Both torchrun processes run
+    the chosen engine, the run record says which and why, and the loss falls."""
+    seed = 21 if room == "a full copy" else 22  # the engine is not in the train key
+    profile = load_profile("quickstart", [f"publish.repo_id=loraflow-demo/engine-{seed}",
+                                          f"training.seed={seed}", "training.max_steps=12",
+                                          *DDP])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: _two_gpus(1 << 40))
+    with as_user("demo"):
+        estimate = run_preflight(profile).memory.estimate
+    # Room for the estimate less half the weights (FSDP's shard), not for all of it.
+    usable = (1 << 40) if room == "a full copy" else int(estimate.peak_bytes * (1 + HEADROOM)) - 1
+    monkeypatch.setattr(devices, "visible_gpus", lambda: _two_gpus(usable))
+    with as_user("demo"):
+        plan = run_preflight(profile).memory
+        report = run_profile("quickstart", profile)
+    assert report["status"] == "completed", report["error"]
+    record = json.loads((Path(report["adapter"]["path"]).parent / "record.json").read_text())
+    engine = record["distributed"]
+    assert engine["world_size"] == 2 and engine["why"] == plan.data_parallel_reason
+    if room == "a full copy":
+        assert plan.data_parallel == "ddp" and engine["strategy"] == "ddp"
+        assert "fits one GPU" in engine["why"] and engine["replicas_identical"] is True
+    else:
+        assert plan.data_parallel == "fsdp" and plan.fits and engine["strategy"] == "fsdp1"
+        assert "FSDP shards the weights over 2 processes" in engine["why"]
+    assert report["metrics"]["last_loss"] < report["metrics"]["first_loss"]

@@ -1,6 +1,6 @@
 """Every loading option that trains on CPU, through the pipeline's own code: the tiny
 seeded Llama loaded by tasks.training.modeling (dtype, attention, bitsandbytes int8 / 4-bit,
-device_map cpu), LoRA injected, trained by tasks.train.build_trainer's Trainer. Each case
+device_map cpu), LoRA injected, trained by tasks.training.run.build_trainer's Trainer. Each case
 asserts that every adapter tensor changed, the loss fell, and the saved adapter reloads
 on a freshly loaded base with identical outputs.
 
@@ -47,8 +47,8 @@ def test_each_cpu_loading_option_trains_and_reloads(case, tiny_llama_dir, patter
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, set_seed
 
-    from tasks.train import build_trainer
     from tasks.training.modeling import inject_adapter, load_base_model
+    from tasks.training.run import build_trainer
 
     profile = _profile(CASES[case])
     set_seed(0)

@@ -83,3 +83,38 @@ def test_two_pods_prepare_train_over_a_rendezvous_and_publish(hub, session_dir, 
 
     tags = HfApi(endpoint=hub.url, token=hub.token("demo")).list_repo_refs(REPO).tags
     assert [t.name for t in tags] == ["v1"]
+
+
+def _prepare_launch_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_launch", ROOT / "deployments" / "k8s" / "prepare_launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_downloads_the_continued_adapter_like_the_flow(hub, as_user, session_dir):
+    """model.id names an adapter repo (the seeded tinylabs/tiny-llama-lora): the pods'
+    launch inputs carry the adapter's snapshot beside its base, as the single-node flow's
+    do — both run the flow's own preflight → download → dataset (`prepare_inputs`)."""
+    from homes import loraflow_home  # tests/
+
+    from profiles.loader import load_profile
+
+    adapter, base = "tinylabs/tiny-llama-lora", "tinylabs/tiny-llama"
+    profile = load_profile("quickstart", [f"model.id={adapter}", "training.max_steps=4",
+                                          "publish.repo_id=loraflow-demo/multinode-continued"])
+    with loraflow_home(session_dir / "loraflow-prepare-continued"), as_user("demo"):
+        run_dir = Path(_prepare_launch_module().prepare_multinode(profile))
+    inputs = json.loads((run_dir / "launch.json").read_text())
+    snapshot = inputs["snapshot"]
+    assert (snapshot["repo_id"], snapshot["commit"]) == (base, hub.commit(base))
+    assert snapshot["adapter"] is not None, "the continued adapter was not downloaded"
+    assert (snapshot["adapter"]["repo_id"], snapshot["adapter"]["commit"]) == (
+        adapter, hub.commit(adapter))
+    local = Path(snapshot["adapter"]["local_dir"])
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(snapshot["adapter"]["files"])
+    assert all((local / name).is_file() for name in snapshot["adapter"]["files"])
+    assert inputs["preflight"]["adapter"]["repo_id"] == adapter

@@ -9,6 +9,10 @@ publish time — through the real flow, CLI and clients against localhub.
 - A seq-classification adapter on a base without a pad token, published with the
   tokenizer training used: the card's own loading snippet runs a batch of two.
 - After a resume, train_loss is the mean over every step, not only those after it.
+- Two versions in one repo: the card of the first, loaded by its tag, loads the first
+  version through its snippet and every one-call line it shows (the main branch holding
+  the second); the loading path it warns about fails as it says; `pipeline` generates
+  from the adapter repo alone.
 """
 from __future__ import annotations
 
@@ -162,8 +166,8 @@ def test_approving_a_cached_training_publishes_where_the_approval_says(two_runs,
         assert {"adapter_model.safetensors", "README.md", "loraflow.json",
                 "tokenizer_config.json"} <= files
         card = ModelCard.load(repo, token=hub.token("demo"))
-        assert card.data.model_name == repo and f'PeftModel.from_pretrained(base, "{repo}")' \
-            in card.text
+        assert card.data.model_name == repo and re.search(
+            rf'PeftModel.from_pretrained\(base, "{repo}"(, revision="v\d+")?\)', card.text)
     for never in (FIRST["repo"], SECOND["repo"]):
         with pytest.raises(RepositoryNotFoundError):
             _api(hub).model_info(never)
@@ -226,24 +230,27 @@ def test_model_ids_and_deployment_parameters_are_checked_on_the_field():
     """model.id / model.base_id refuse what the Hub refuses; a deployment's parameters
     are refused by the same rule through Prefect's own parameter validation (the JSON
     schema the UI and API check)."""
+    from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools.validation import (
         build_error_obj,
         is_valid_schema,
         validate,
     )
 
-    from profiles.schema import Profile
+    from flows.finetune import finetune
     from tasks.errors import ProfileError
 
     for field in ("model.id", "model.base_id"):
         with pytest.raises(ProfileError, match=rf"{re.escape(field)}: .*Fix:"):
             load_profile("quickstart", [f"{field}=tinylabs/tiny..llama"])
-    schema = Profile.model_json_schema()
+    # The schema a deployment of the flow stores (what `prefect deploy` computes).
+    schema = parameter_schema(finetune.fn).model_dump_for_openapi()
     is_valid_schema(schema)
     good = load_profile("quickstart").model_dump(mode="json")
-    assert build_error_obj(validate(good, schema, raise_on_error=False))["valid"]
+    assert build_error_obj(validate({"profile": good}, schema, raise_on_error=False))["valid"]
     bad = {**good, "publish": {**good["publish"], "repo_id": "loraflow-demo/my..adapter"}}
-    assert not build_error_obj(validate(bad, schema, raise_on_error=False))["valid"]
+    assert not build_error_obj(validate({"profile": bad}, schema,
+                                        raise_on_error=False))["valid"]
 
 
 def test_resumed_train_loss_is_the_mean_over_every_step(hub, as_user, tmp_path):
@@ -336,3 +343,77 @@ def test_seq_classification_on_a_padless_base_works_batched_from_the_card(
     assert str(tmp_path) not in card.text and "96 rows read" in card.text
     assert str(tmp_path) not in lineage and "colors.jsonl" in lineage  # by name, not path
     assert card.data.eval_results[0].dataset_name == "colors.jsonl"
+
+
+def _lora_weights(model) -> dict:
+    """The model's LoRA tensors by a name every loading path shares (from `layers.`,
+    without the adapter's name): a PeftModel's, or a transformers model's with an
+    adapter loaded."""
+    return {re.sub(r"\.default\.", ".", name[name.index("layers."):]): p.detach().clone()
+            for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def _file_weights(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return {name[name.index("layers."):]: t for name, t in load_file(path).items()}
+
+
+def _same(loaded: dict, saved: dict) -> bool:
+    import torch
+
+    return set(loaded) == set(saved) and all(torch.equal(loaded[k].float(), saved[k].float())
+                                             for k in saved)
+
+
+def test_the_cards_snippets_load_the_version_of_its_tag(hub, as_user, tmp_path):
+    import transformers
+    from huggingface_hub import hf_hub_download
+
+    repo = "loraflow-demo/two-versions"
+    with _home(tmp_path / "home"):
+        for tag, lr in (("t1", "2e-4"), ("t2", "1e-3")):  # two trainings, two adapters
+            report = _run(as_user, "quickstart", [f"publish.repo_id={repo}", *STEPS,
+                                                  f"training.learning_rate={lr}",
+                                                  f"publish.tag={tag}"])
+            assert report["status"] == "completed", report["error"]
+            assert report["hub"]["tag"] == tag
+    with as_user("demo"):
+        card = Path(hf_hub_download(repo, "README.md", revision="t1")).read_text()
+        saved = {t: _file_weights(hf_hub_download(repo, "adapter_model.safetensors",
+                                                  revision=t)) for t in ("t1", "t2")}
+        assert not _same(saved["t1"], saved["t2"])  # main holds another adapter than t1
+
+        scope: dict = {}
+        exec(_card_snippet(card), scope)
+        assert _same(_lora_weights(scope["model"]), saved["t1"])
+        assert scope["tokenizer"].name_or_path == repo
+        assert "version `t1`" in card
+
+        # Every one-call line the card shows, run as written.
+        section = card.split("In one call")[1].split("\n## ")[0]
+        calls = re.findall(r"^- `(.+?)`", section, re.M)
+        assert len(calls) == 3, section
+        import peft
+
+        for call in calls:
+            names = {n: getattr(peft if n.startswith("AutoPeft") else transformers, n)
+                     for n in re.findall(r"\b(Auto\w+|pipeline)\b", call)}
+            loaded = eval(call, names)
+            model = getattr(loaded, "model", loaded)  # a pipeline holds its model
+            assert _same(_lora_weights(model), saved["t1"]), call
+        pipe = eval(calls[-1], names)  # the last line: pipeline
+        out = pipe("Below is an instruction", max_new_tokens=4, do_sample=False)
+        assert out[0]["generated_text"].startswith("Below is an instruction")
+
+        # The warning is true: the tag passed as `revision` reaches the base, which has no
+        # such tag.
+        assert 'Not `revision="t1"`' in section
+        with pytest.raises(OSError, match="t1"):
+            transformers.AutoModelForCausalLM.from_pretrained(repo, revision="t1")
+
+        # The adapter repo alone (its tokenizer too) generates through `pipeline`.
+        generator = transformers.pipeline("text-generation", model=repo, tokenizer=repo)
+        assert _same(_lora_weights(generator.model), saved["t2"])
+        out = generator("Below is an instruction", max_new_tokens=4, do_sample=False)
+        assert out[0]["generated_text"].startswith("Below is an instruction")

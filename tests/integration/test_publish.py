@@ -70,7 +70,10 @@ def test_card_round_trips_and_agrees_with_profile_and_lineage(published, hub):
     assert meta.eval_results[0].metric_value == round(lineage["metrics"]["eval_loss"], 6)
 
     # Lineage: the profile as run, the inputs' content ids, the adapter's hash.
-    assert lineage["profile"] == profile.model_dump(mode="json")
+    # ... with publish.tag as published: the card pins its snippets to it.
+    as_run = profile.model_dump(mode="json")
+    as_run["publish"]["tag"] = published["hub"]["tag"]
+    assert lineage["profile"] == as_run
     assert lineage["base_model"]["commit"] == hub.commit(BASE)
     assert lineage["dataset"]["commit"] == hub.commit(DATASET)
     adapter = _download(hub, repo, "adapter_model.safetensors", commit).read_bytes()

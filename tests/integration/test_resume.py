@@ -21,7 +21,7 @@ import pytest
 
 from flows.cli import run_profile
 from profiles.loader import load_profile
-from tasks.train import read_step_log
+from tasks.training.checkpoints import read_step_log
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS, SAVE_STEPS = 40, 10
@@ -102,11 +102,11 @@ def _last_attempt(run_dir: Path) -> tuple[dict, list[int]]:
 
 
 def _complete_checkpoints(run_dir: Path) -> list[int]:
-    from tasks.train import _checkpoint_complete
+    from tasks.training.checkpoints import checkpoint_complete
 
     ckpts = run_dir / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*")
-                  if _checkpoint_complete(p, int(p.name.split("-")[1])))
+                  if checkpoint_complete(p, int(p.name.split("-")[1])))
 
 
 def _assert_resumed(report, run_dir: Path, k: int, reference) -> None:

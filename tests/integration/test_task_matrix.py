@@ -1,7 +1,7 @@
 """Every task type through the pipeline's own code, on CPU: the seeded tiny models (Llama
 for causal-lm, BERT for sequence / token classification, T5 for seq2seq) and the seeded
 task datasets, tokenized by tasks.dataset, loaded by tasks.training.modeling with the task's Auto
-class, LoRA injected with the task's peft TaskType, trained by tasks.train.build_trainer.
+class, LoRA injected with the task's peft TaskType, trained by tasks.training.run.build_trainer.
 Each case asserts that every adapter tensor changed, the loss fell, and the saved adapter
 reloads on a freshly loaded base with identical outputs.
 
@@ -83,8 +83,8 @@ def test_each_task_type_trains_and_reloads(task, seeds, tmp_path):
     from transformers import AutoTokenizer, set_seed
 
     from tasks.model_tasks import prepare_tokenizer, probe_inputs, task_type
-    from tasks.train import build_trainer
     from tasks.training.modeling import inject_adapter, load_base_model
+    from tasks.training.run import build_trainer
 
     bases, data = seeds
     base_name, rows, fmt, steps = CASES[task]
@@ -223,7 +223,7 @@ def classification_run(hub, as_user, session_dir):
             "model.id=tinylabs/tiny-bert", "model.task=seq-classification",
             "data.dataset=tinylabs/tiny-tasks", "data.data_files=data/classification.jsonl",
             "data.format=text-label", "data.max_length=32", "training.max_steps=30",
-            f"training.save_steps=100", f"publish.repo_id={E2E_REPO}"])
+            "training.save_steps=100", f"publish.repo_id={E2E_REPO}"])
         with as_user("demo"):
             report = run_profile("tiny-bert-classifier", profile)
     finally:

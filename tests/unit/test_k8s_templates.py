@@ -167,14 +167,15 @@ def test_no_pool_or_manifest_holds_a_token():
 
 def test_the_launcher_uses_every_gpu_of_the_pod(monkeypatch, tmp_path):
     """In the pod the device plugin shows exactly gpu_count GPUs and sets no
-    CUDA_VISIBLE_DEVICES (checked above): visible_gpus counts them with nvidia-smi, so
-    training.nproc_per_node null means torchrun over all of them."""
+    CUDA_VISIBLE_DEVICES (checked above): the device inventory (tasks.memory.devices,
+    nvidia-smi's query) lists them, so training.nproc_per_node null means torchrun over
+    all of them."""
     from profiles.schema import TrainingSection
     from tasks.training.launch import resolve_launcher
 
-    smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 (UUID: x$i)\"; "
-                   "done\n")
+    smi = tmp_path / "nvidia-smi"  # answers --query-gpu=index,uuid,name,memory.total,...
+    smi.write_text("#!/bin/sh\nfor i in 0 1 2 3; do "
+                   "echo \"$i, GPU-x$i, NVIDIA H100 80GB HBM3, 81559, 81000, 9.0\"; done\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -235,15 +236,30 @@ def test_the_multinode_job_and_the_pool_set_the_same_nccl_variables():
 
 def test_the_prepare_step_writes_what_the_train_worker_reads():
     """The pods' torchrun runs tasks.training.worker on RUN_DIR/launch.json: the prepare
-    script writes the keys it reads, as train_adapter does for its own torchrun."""
+    script writes it with the train step's own launch_inputs, as train_adapter does for
+    its own torchrun, and the worker reads exactly what that function writes."""
     import inspect
 
+    from profiles.loader import load_profile
     from tasks import train
+    from tasks.contracts import DatasetManifest, PreflightReport, SnapshotManifest
     from tasks.training import worker as train_worker
 
     prepare = (DEPLOYMENTS_DIR / "k8s" / "prepare_launch.py").read_text()
+    assert "launch_inputs(" in prepare
+    assert "launch_inputs(" in inspect.getsource(train.train_adapter)
+    snapshot = SnapshotManifest(repo_id="o/base", commit="0" * 40, local_dir="/base",
+                                files={"config.json": {"size": 2, "sha256": "0" * 64}})
+    dataset = DatasetManifest(path="/data", key="dataset-0", num_train=1, num_eval=0,
+                              train_tokens=8)
+    preflight = PreflightReport.model_validate({
+        "user": "u", "target_repo": "o/adapter",
+        "base_model": {"repo_id": "o/base", "revision": "main", "commit": "0" * 40,
+                       "gated": False},
+        "dataset": {"source": "file", "id": "d", "sha256": "0" * 64}})
+    launch = train.launch_inputs(load_profile("quickstart"), preflight, snapshot, dataset)
     read = set(re.findall(r'inputs(?:\["|\.get\(")(\w+)"', inspect.getsource(train_worker)))
-    written_here = set(re.findall(r'"(\w+)": ', prepare.split("inputs = {", 1)[1].split("}")[0]))
-    by_task = inspect.getsource(train.train_adapter).split("inputs = {", 1)[1].split("}")[0]
-    assert read == written_here == set(re.findall(r'"(\w+)": ', by_task))
+    assert read == set(launch)
+    assert launch["run_dir"].endswith(train.train_key(load_profile("quickstart"), snapshot,
+                                                      dataset))
     assert "deployments/k8s/prepare_launch.py" in MULTINODE.read_text()
