@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from localhub.seed_data import alphabet_rows  # noqa: E402  (the learnable task)
 
 SEQ, PER_DEVICE, GLOBAL, STEPS = 1024, 8, 16, 30
+WARMUP = 5  # steady-state throughput is timed from the end of this step to the last
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                 tie_word_embeddings=False, head_dim=128, max_position_embeddings=8192)
@@ -162,8 +163,14 @@ def run(case: str, inputs: dict, gpus: int, work: Path, model_dir: Path) -> dict
         return {"case": case, "gpus": gpus, "error": proc.stdout[-1500:] + proc.stderr[-3000:]}
     record = json.loads(next(home.glob("runs/*/record.json")).read_text())
     runtime = record["metrics"]["train_runtime_s"]
+    steps = {e["step"]: e["time"] for e in map(json.loads, next(
+        home.glob("runs/*/train_log.jsonl")).read_text().splitlines()) if e["event"] == "step"}
     return {"case": case, "gpus": gpus, "wall_s": round(time.time() - start, 1),
             "train_runtime_s": runtime, "tokens_per_s": round(STEPS * GLOBAL * SEQ / runtime),
+            # From step WARMUP on: without the first steps' one-time costs (Triton/Liger
+            # kernel compilation, cuBLAS autotuning), which weigh more the shorter a run is.
+            "steady_tokens_per_s": round((STEPS - WARMUP) * GLOBAL * SEQ
+                                         / (steps[STEPS] - steps[WARMUP])),
             "losses": [h["loss"] for h in record["loss_history"]],
             "adapter_sha256": record["adapter"]["sha256"],
             "distributed": record.get("distributed"), "speed": record.get("speed"),
@@ -175,6 +182,8 @@ def compare(one: dict, two: dict) -> dict:
     rel = [abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"])]
     return {"max_rel_loss_diff": round(max(rel), 4), "mean_rel_loss_diff": round(sum(rel) / len(rel), 4),
             "throughput_ratio": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
+            "steady_throughput_ratio": round(two["steady_tokens_per_s"]
+                                             / one["steady_tokens_per_s"], 3),
             "loss_first_last_1gpu": [one["losses"][0], one["losses"][-1]],
             "loss_first_last_2gpu": [two["losses"][0], two["losses"][-1]]}
 

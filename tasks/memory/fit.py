@@ -246,6 +246,11 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
     bf16_ok = all(g.bf16 for g in gpus) if gpus else True
     processes = resolve_launcher(profile.training, len(gpus))[1]
     forced_fsdp = processes > 1 and profile.training.data_parallel == "fsdp"
+    if forced_fsdp and not on_gpu:
+        raise errors.ProfileError(
+            "training.data_parallel: fsdp shards the weights over GPUs, and none is visible "
+            "here (nvidia-smi) or model.device_map is cpu. Fix: set training.data_parallel "
+            "to ddp or auto, or run on GPUs.")
     fused_loss = liger_expected(profile, on_gpu, processes, config.get("model_type"),
                                 sharded=forced_fsdp)
     chosen = None

@@ -61,6 +61,13 @@ def distributed_arguments(profile: Profile, model) -> dict:
     if not uses_fsdp(profile):
         # LoRA leaves most parameters frozen: no unused-parameter search each step.
         return {"ddp_find_unused_parameters": False}
+    import torch
+
+    if not torch.cuda.is_available():  # accelerate's FSDP wraps onto an accelerator only
+        raise errors.TrainingError(
+            "training.data_parallel: fsdp shards the weights over GPUs, and this process "
+            "sees none (FSDP needs an accelerator). Fix: set training.data_parallel to ddp "
+            "or auto, or run on GPUs.")
     layer_cls = type(model.get_base_model().model.layers[0]).__name__
     # FSDP1, not transformers' default FSDP2: bitsandbytes documents FSDP2 losing the
     # 4-bit quant state, while FSDP1 with a float quant storage dtype is its tested QLoRA

@@ -173,22 +173,25 @@ def test_smaller_batch_is_suggested_with_the_same_effective_batch():
 def test_device_map_auto_spreads_over_gpus_and_is_suggested():
     gpus = [Gpu(index=i, name="16GB", total_bytes=16 * GiB, free_bytes=16 * GiB)
             for i in range(2)]
+    # One process (two would shard with FSDP: test_the_data_parallel_engine_…).
     profile = load_profile("llama-3.1-8b-qlora", [
         "quantization.mode=none", "training.per_device_batch_size=1",
-        "data.max_length=512"])
+        "data.max_length=512", "training.launcher=single"])
     tensors = llama_tensors(LLAMA_3_1_8B)
     with pytest.raises(InsufficientMemoryError) as err:
         plan_memory(profile, tensors, LLAMA_3_1_8B, gpus=gpus)
     assert "--set model.device_map=auto" in str(err.value)
     auto = load_profile("llama-3.1-8b-qlora", [
         "quantization.mode=none", "training.per_device_batch_size=1",
-        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 15GiB, 1: 15GiB}"])
+        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 15GiB, 1: 15GiB}",
+        "training.launcher=single"])
     report = plan_memory(auto, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
     assert report.fits and report.placement == "spread over gpu:0,gpu:1"
     # A max_memory below what the weights need refuses the same run.
     tight = load_profile("llama-3.1-8b-qlora", [
         "quantization.mode=none", "training.per_device_batch_size=1",
-        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 6GiB, 1: 6GiB}"])
+        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 6GiB, 1: 6GiB}",
+        "training.launcher=single"])
     with pytest.raises(InsufficientMemoryError):
         plan_memory(tight, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
 
@@ -372,3 +375,31 @@ def test_a_tied_lm_head_passes_the_header_check():
     lora = load_profile("quickstart", ["lora.modules_to_save=[score]"]).lora
     with pytest.raises(ProfileError, match="lora.modules_to_save: .* name no module"):
         check_target_modules(lora, tensors, LLAMA_3_2_1B)
+
+
+@pytest.mark.parametrize("preset, config", [("llama-3.1-8b-qlora", LLAMA_3_1_8B)])
+def test_the_data_parallel_engine_follows_one_gpu_s_room(preset, config):
+    """Two processes: DDP while a full copy fits one GPU, FSDP when only a shard of the
+    weights does (with the reason), the profile's choice when it forces one, and a forced
+    FSDP with no GPU refused before anything runs."""
+    tensors = llama_tensors(config)
+    two = ["training.launcher=torchrun", "training.nproc_per_node=2"]
+    profile = load_profile(preset, two)
+    roomy = plan_memory(profile, tensors, config, gpus=[H100, H100])
+    assert roomy.data_parallel == "ddp" and "fits one GPU" in roomy.data_parallel_reason
+    full, weights = roomy.estimate.peak_bytes, roomy.estimate.weights_bytes
+    # Room for everything but half the weights: a shard fits, a full copy does not.
+    room = int((full - weights // 3) * 1.1)
+    tight = Gpu(index=0, name="tight", total_bytes=room + (1 << 30), free_bytes=room + (1 << 30))
+    sharded = plan_memory(profile, tensors, config, gpus=[tight, tight])
+    assert sharded.data_parallel == "fsdp" and sharded.fits
+    assert "FSDP shards the weights over 2 processes" in sharded.data_parallel_reason
+    forced = plan_memory(load_profile(preset, two + ["training.data_parallel=ddp"]), tensors,
+                         config, gpus=[H100, H100])
+    assert forced.data_parallel_reason == "training.data_parallel: ddp, the profile's choice"
+    one = plan_memory(load_profile(preset), tensors, config, gpus=[H100])
+    assert one.data_parallel is None  # one process
+    with pytest.raises(ProfileError, match="training.data_parallel: fsdp"):
+        plan_memory(load_profile(preset, two + ["training.data_parallel=fsdp",
+                                                "quantization.quant_storage=bfloat16"]),
+                    tensors, config, gpus=[])
