@@ -21,7 +21,12 @@ from tasks import settings
 # Before anything imports prefect: it reads its settings once, at import.
 settings.prepare_prefect_environment()
 
+from flows.prefect_runtime import quiet_libraries  # noqa: E402
 from tasks.errors import LoraflowError  # noqa: E402
+
+# Before the Hub, datasets and transformers are imported: they read their progress-bar
+# switches at import (docs/observability.md).
+quiet_libraries()
 
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli_publish",

@@ -26,8 +26,10 @@ def cmd_deploy(args) -> int:
         print(json.dumps({"status": "completed", "done": done}))
     else:
         print("\n".join(done))
-        print("Start a worker for the local pool from the project root:\n"
-              "  prefect worker start --pool loraflow-local")
+        print("Start workers from the project root: on this machine (CPU-sized runs: the "
+              "quickstart, its sweep)\n  prefect worker start --pool loraflow-local\n"
+              "and on a GPU host (the GPU presets' nightly)\n"
+              "  prefect worker start --pool loraflow-gpu")
     return 0
 
 

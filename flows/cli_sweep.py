@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import yaml
 
@@ -30,8 +31,12 @@ def cmd_sweep(args) -> int:
 
     plan_variants(profile, parse_grid(args.grid), args.publish)  # refuse before anything runs
     state = sweep(profile, parse_grid(args.grid), publish=args.publish,
-                  max_concurrent_trainings=args.max_concurrent, return_state=True)
+                  max_concurrent_trainings=args.max_concurrent,
+                  variant_deployment=args.variants_on, return_state=True)
     outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, ProfileError):
+        print(f"loraflow: {outcome}", file=sys.stderr)
+        return 2
     if isinstance(outcome, BaseException):
         print(f"loraflow: sweep failed — {type(outcome).__name__}: {outcome}")
         return 1
@@ -39,8 +44,10 @@ def cmd_sweep(args) -> int:
         print(json.dumps({k: v for k, v in outcome.items() if k != "reports"}, default=str))
     else:
         for row in outcome["variants"]:
-            print(f"{row['variant']:<24} {row['status']:<10} eval {row['eval_loss']}  "
-                  f"→ {row['published'] or '-'}")
+            where = (f"{row['published']}@{row['tag']} {row['commit'][:12]}"
+                     if row["published"] else "-")
+            print(f"{row['variant']:<24} {row['status']:<10} {row['train'] or '-':<9} "
+                  f"eval {row['eval_loss']}  → {where}  {row['run'] or ''}")
         print(f"at most {outcome['max_concurrent_trainings']} trainings ran at once "
               f"(limit {outcome['limit']})")
     return 0 if all(r["status"] == "completed" for r in outcome["variants"]) else 1
@@ -54,6 +61,10 @@ def register(sub) -> None:
     sp.add_argument("--publish", choices=["all", "best", "none"], default="best")
     sp.add_argument("--max-concurrent", type=int, default=None,
                     help="trainings at once (default: one per visible GPU, 1 on CPU)")
+    sp.add_argument("--variants-on", default="auto", metavar="DEPLOYMENT",
+                    help="where the variants run: auto (the sweep-variant deployment when "
+                    "a worker serves its pool, else here), local, or a "
+                    "loraflow-train-variant/<name> deployment")
     sp.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                     metavar="SECTION.KEY=VALUE")
     sp.add_argument("--json", action="store_true")

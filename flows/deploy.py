@@ -2,8 +2,11 @@
 
 Everything registered is defined in deployments/ (committed, reviewable):
 
-- deployments/prefect.yaml: one deployment per preset, the nightly one, the publish one;
-- deployments/work-pools/*.json: the work pools (process, docker, kubernetes);
+- deployments/prefect.yaml: one deployment per preset, the nightly one, the publish one,
+  the sweep and the deployment its variants run on;
+- deployments/work-pools/*.json: the work pools (process: loraflow-local for CPU-sized
+  runs, loraflow-gpu on a GPU host; docker; kubernetes). Every pool a deployment names
+  is created (or updated) before the deployments are registered;
 - deployments/automations.yaml: what notifies the loraflow-notify webhook, and when.
 
 `loraflow deploy` applies them all without a prompt; the deployments step is exactly
@@ -104,6 +107,12 @@ def automation_payload(spec: dict, block_ids: dict[str, str]) -> dict:
                                   "does not exist. Fix: pass --webhook-url URL to create it.")
             action["block_document_id"] = block_ids[name]
     return spec
+
+
+def missing_pools(deployments: list[dict], pools: list[dict]) -> list[str]:
+    """The work pools deployments name that deployments/work-pools does not define."""
+    defined = {p["name"] for p in pools}
+    return sorted({d["work_pool"]["name"] for d in deployments} - defined)
 
 
 # --- applying them --------------------------------------------------------------------
@@ -215,12 +224,23 @@ def deploy(prefect_file: Path = PREFECT_FILE, webhook_url: Optional[str] = None,
     """Apply deployments/ to the configured Prefect server; return what was done.
 
     Raises:
-        DeployError: no server configured, a missing HF_TOKEN for --store-token, or
-            `prefect deploy` failed (its output is in the message).
+        DeployError: no server configured, a deployment naming a work pool that
+            deployments/work-pools does not define, a missing HF_TOKEN for
+            --store-token, or `prefect deploy` failed (its output is in the message).
     """
     from prefect.client.orchestration import get_client
 
     url = _api_url()
+    pools = read_work_pools()
+    config = yaml.safe_load(prefect_file.read_text())["deployments"]
+    wanted = [d for d in config if not names or d["name"] in names]
+    if missing := missing_pools(wanted, pools):
+        # `prefect deploy` would stop at a prompt, or create a bare process pool that
+        # any quickstart worker could serve: refuse instead.
+        raise DeployError(f"{prefect_file} names work pools with no definition in "
+                          f"{WORK_POOLS_DIR}: {', '.join(missing)}. Fix: add "
+                          f"{WORK_POOLS_DIR}/<name>.json or point the deployment at a "
+                          "defined pool.")
     done = [f"Prefect server: {url}"]
     if store_token:
         token = os.environ.get("HF_TOKEN")
@@ -235,7 +255,7 @@ def deploy(prefect_file: Path = PREFECT_FILE, webhook_url: Optional[str] = None,
 
     async def _apply() -> list[str]:
         async with get_client() as client:
-            out = await apply_work_pools(client, read_work_pools())
+            out = await apply_work_pools(client, pools)
             out += await apply_automations(client, read_automations())
             return out
 
@@ -244,8 +264,7 @@ def deploy(prefect_file: Path = PREFECT_FILE, webhook_url: Optional[str] = None,
     if proc.returncode != 0:
         raise DeployError(f"prefect deploy failed (exit {proc.returncode}):\n"
                           f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    wanted = names or [d["name"] for d in yaml.safe_load(prefect_file.read_text())["deployments"]]
-    done += [f"deployment {n}" for n in wanted]
+    done += [f"deployment {d['name']} → {d['work_pool']['name']}" for d in wanted]
     return done
 
 

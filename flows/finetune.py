@@ -2,7 +2,11 @@
 its own cache policy, retries and report hooks where it is defined.
 
     preflight ─► download ─┐
-        └──────► dataset ──┴─► train ─► publish ─► verify
+        └──────► dataset ──┴─► train ─► samples ─► publish ─► verify
+
+With `publish.when: on_approval` the run checks the local adapter, takes the samples and
+waits for approval: on its own page (a deployment run suspends with a Resume form) or,
+elsewhere, until `loraflow publish RUN_DIR` (flows/approval.py).
 
 Caching is keyed on content (see tasks/cache/): preflight never; download,
 dataset and train by their content keys, and a hit whose files are gone or changed is
@@ -16,15 +20,26 @@ step's task run, handed over in-process by the steps' hooks (tasks/cache/policy.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.approval import hold_for_approval
+from flows.approval import (
+    approval_gate,
+    approved_section,
+    can_suspend,
+    hold_for_approval,
+    lineage_entry,
+)
 from flows.artifacts import publish_run_artifacts
 from flows.prefect_runtime import install_log_filter
-from flows.ui import emit_published, failure_artifact
+from flows.ui import (
+    decision_artifact,
+    emit_published,
+    failure_artifact,
+    samples_artifact,
+)
 from profiles.schema import Profile
 from tasks import settings
 from tasks.cache.policy import check_storage_settings, finished_steps, step_seconds
@@ -36,6 +51,7 @@ from tasks.local_check import check_local_adapter
 from tasks.merge import publish_merged
 from tasks.preflight import preflight
 from tasks.publish import publish_adapter
+from tasks.samples import generate_samples
 from tasks.train import train_adapter
 from tasks.verify import verify_publication
 
@@ -92,12 +108,44 @@ def _limit_exists(name: str) -> bool:
     return True
 
 
+def training_is_cached(profile: Profile, snapshot, dataset) -> bool:
+    """Whether the train task would be a cache hit: its result record exists (and has not
+    expired) in the store the task reads, and the run directory of its key holds its
+    finished outputs, unchanged. Asked before taking a `loraflow-training` slot, so a
+    cached training never waits for one.
+
+    Prefect decides a hit inside the task run (its transaction), after a slot would have
+    been taken around the call; asking the same store first is the only way to know
+    beforehand. Should the answer turn stale in between (a record expired a moment
+    later), the training runs without a slot: it is never refused.
+
+    Args:
+        profile: the variant's profile.
+        snapshot, dataset: the manifests prepare_inputs returned.
+    Returns:
+        True when the training is a cache hit.
+    """
+    from prefect.results import ResultStore
+
+    from tasks.cache.policy import current_result_storage
+    from tasks.train import train_is_cached_and_intact, train_key
+
+    store = ResultStore(result_storage=current_result_storage())
+    return (store.exists(train_key(profile, snapshot, dataset))
+            and train_is_cached_and_intact(profile, snapshot, dataset))
+
+
 @contextmanager
-def training_slot():
+def training_slot(profile: Profile, snapshot, dataset):
     """Hold a slot of the `loraflow-training` global concurrency limit while training,
-    when the limit exists (the sweep creates it with one slot per GPU). Without it
-    nothing waits, and nothing is asked for (Prefect would warn that it does not exist)."""
+    when the limit exists (the sweep creates it with one slot per GPU) and the training is
+    not a cache hit (training_is_cached). Without the limit nothing waits, and nothing is
+    asked for (Prefect would warn that it does not exist)."""
     if not _limit_exists(TRAINING_LIMIT):
+        yield
+        return
+    if training_is_cached(profile, snapshot, dataset):
+        print(f"training is cached: no {TRAINING_LIMIT} slot taken")
         yield
         return
     from prefect.concurrency.sync import concurrency
@@ -106,38 +154,114 @@ def training_slot():
         yield
 
 
+def apply_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    """`overrides` ({"lora.r": 4}) on top of the profile, by `loraflow run --set`'s rules
+    (profiles/loader.py apply_override): dotted section.key names, a text value read as
+    YAML ("1e-4", "[q_proj, v_proj]"), any other JSON value taken as it is; then the
+    whole profile is validated again.
+
+    Args:
+        profile: the validated profile.
+        overrides: dotted field → value; {}: the profile unchanged.
+    Returns:
+        The profile with the overrides applied.
+    Raises:
+        ProfileError: a name that is not section.key, or a value the schema refuses,
+            named as the dotted field with the fix.
+    """
+    if not overrides:
+        return profile
+    import json
+
+    from pydantic import ValidationError
+
+    from profiles.loader import (
+        _booleans_taken_as_numbers,
+        apply_override,
+        describe_validation_error,
+    )
+    from tasks.errors import ProfileError
+
+    data = profile.model_dump(mode="json", exclude_unset=True)
+    for dotted, value in overrides.items():
+        raw = value if isinstance(value, str) else json.dumps(value)  # JSON is YAML
+        apply_override(data, f"{dotted}={raw}")
+    try:
+        updated = Profile.model_validate(data)
+    except ValidationError as err:
+        raise ProfileError(describe_validation_error(err).replace(
+            "invalid profile:", "overrides: invalid value:", 1)) from None
+    if booleans := _booleans_taken_as_numbers(data, updated):
+        raise ProfileError("overrides: " + "; ".join(
+            f"{loc}: {str(v).lower()} is a boolean where a number is expected. Fix: give "
+            "a number" for loc, v in booleans))
+    return updated
+
+
 @flow(name="loraflow-finetune", log_prints=True)
-def finetune(profile: Profile, profile_name: str = "custom") -> dict:
+def finetune(profile: Profile, profile_name: str = "custom",
+             overrides: dict[str, Any] = {}) -> dict:  # noqa: B006 — Prefect's form default
     """Profile → trained LoRA adapter published on the Hub. Returns the run report.
 
     Args:
         profile: the validated profile (model, quantization, lora, data, training, publish).
         profile_name: a label for reports (the preset or file name).
+        overrides: a few fields to change without restating the profile, by dotted name,
+            as `loraflow run --set` takes them: {"lora.r": 4, "training.max_steps": 10}
+            (`prefect deployment run … --param overrides='{"lora.r": 4}'`).
     Raises:
         FlowFailed: wrapping an unexpected step error, with the partial report. A typed
             error (and a transport error, turned into one) ends the run in a Failed state
             carrying the FlowFailed instead (`failed_state`); with LORAFLOW_DEBUG it is
             raised too.
     """
+    from prefect.exceptions import Pause
+
     install_log_filter()
     try:
+        profile = apply_overrides(profile, overrides)
         pre, snapshot, data = prepare_inputs(profile)
-        with training_slot():
+        with training_slot(profile, snapshot, data):
             trained = train_adapter(profile=profile, preflight=pre, snapshot=snapshot,
                                     dataset=data, flow_run_id=str(flow_run.id))
-        if profile.publish.when == "on_approval":  # publish later: loraflow publish RUN_DIR
+        gated = profile.publish.when == "on_approval"
+        if gated:  # nothing is published: the local copy is what gets approved
             check_local_adapter(train=trained, snapshot=snapshot, profile=profile)
-            return hold_for_approval(run_report(profile, profile_name), trained,
+        samples = None
+        if profile.model.task == "causal-lm":  # what a person can read side by side
+            samples = generate_samples(train=trained, snapshot=snapshot, dataset=data,
+                                       profile=profile).model_dump(mode="json")
+            samples_artifact(samples, profile.publish.repo_id)
+        publish, approval = profile.publish, None
+        if gated:
+            if not can_suspend():  # publish later: loraflow publish RUN_DIR
+                return hold_for_approval(run_report(profile, profile_name), trained,
+                                         profile.publish, samples)
+            # Suspends here (the process exits); a resumed run comes back with the answer.
+            decision = approval_gate(run_report(profile, profile_name), samples,
                                      profile.publish)
-        published = publish_adapter(train=trained, publish=profile.publish)
+            if decision["decision"] == "reject":
+                report = run_report(profile, profile_name)
+                report.update(status="rejected", approval=decision)
+                decision_artifact(report)
+                return report
+            publish, approval = approved_section(profile.publish, decision), decision
+        published = publish_adapter(train=trained, publish=publish, samples=samples,
+                                    approval=approval and lineage_entry(approval))
         verify_publication(publication=published, train=trained, snapshot=snapshot,
                            profile=profile)
-        if profile.publish.merged:
-            publish_merged(train=trained, snapshot=snapshot, profile=profile,
+        if profile.publish.merged:  # beside the adapter: where the approver said
+            publish_merged(train=trained, snapshot=snapshot,
+                           profile=profile.model_copy(update={"publish": publish}),
                            adapter=published)
         report = run_report(profile, profile_name)
+        if approval is not None:
+            report["approval"] = approval
+            decision_artifact(report)
         publish_run_artifacts(report)
         emit_published(report["hub"], trained.adapter_sha256, profile_name)
+    except Pause:
+        raise  # suspended for approval: Prefect's engine ends this process
     except BaseException as exc:
         return end_failed(profile, profile_name, exc)
     return report
@@ -157,7 +281,8 @@ def run_report(profile: Profile, profile_name: str,
     Returns:
         {status, flow_run_id, profile, steps: {name: {state, seconds[, started,
         finished]}}, base_model, adapter, hub, metrics, error} (+ continued_from when
-        training continued an adapter); a step that never ran is "skipped".
+        training continued an adapter, + samples when they were taken); a step of
+        STEPS that never ran is "skipped" (local_check and samples appear when they ran).
     """
     steps = {name: {"state": "skipped", "seconds": 0.0} for name in STEPS}
     results = {}
@@ -186,6 +311,8 @@ def run_report(profile: Profile, profile_name: str,
                              "trainable_params": trained.trainable_params,
                              "total_params": trained.total_params}
         report["metrics"] = trained.metrics
+    if samples := results.get("samples"):
+        report["samples"] = samples.model_dump(mode="json")
     if published := results.get("publish"):
         report["hub"] = {"endpoint": settings.hub_endpoint(), "repo_id": published.repo_id,
                          "commit": published.commit, "tag": published.tag,

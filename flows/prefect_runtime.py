@@ -9,6 +9,10 @@
 - Expected errors (loraflow's typed errors, and transport errors that the flow turns into
   one) are logged by Prefect's task engine with their traceback; `ExpectedErrorFilter`
   keeps the line and drops the traceback, unless LORAFLOW_DEBUG is set.
+- Quiet by default (`quiet_libraries`): the libraries' progress bars (raw cursor escapes
+  in a log) are turned off through their documented switches, and the few notices a user
+  cannot act on are dropped by exact message; errors are never hidden. docs/observability.md
+  lists each one.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 from tasks import settings
 from tasks.errors import LoraflowError, SettingsError, is_transient
@@ -151,15 +156,88 @@ class ReportHookFilter(logging.Filter):
                     and record.msg.startswith(self.NOISE))
 
 
+class DrainNoticeFilter(logging.Filter):
+    """Drops Prefect's "Still processing items: N items remaining..." notice: its
+    services (EventsWorker, APILogWorker) log it as a warning whenever events are still
+    queued when the process ends and they drain, i.e. after nearly every run. The items
+    are still sent; a service that fails logs an error through another logger
+    (prefect._internal.concurrency), which stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str)
+                    and record.msg.startswith("Still processing items"))
+
+
 _FILTERS = (ExpectedErrorFilter(), ReportHookFilter())
 RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+# Prefect's services log under their class name (prefect/_internal/concurrency/services.py).
+DRAINING_SERVICES = ("EventsWorker", "APILogWorker")
+_DRAIN_FILTER = DrainNoticeFilter()
+
+# Progress bars off unless the user chose otherwise: each library's documented switch,
+# read at import (transformers follows huggingface_hub's). In a log (a Prefect worker, the
+# UI, CI) a bar is a stream of carriage returns; the training reports its own metric
+# lines instead (tasks.training.progress).
+PROGRESS_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+# Notices nobody running loraflow can act on, dropped by their exact start:
+# - peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing`
+#   (peft/peft_model.py); the fix is theirs, not a setting of ours.
+FOREIGN_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+# - bitsandbytes' CPU backend looks for an optional kernels package at import and logs a
+#   warning when it is absent (its pure-PyTorch path runs instead).
+QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def quiet_libraries() -> None:
+    """Turn off the libraries' progress bars and drop the foreign notices listed above
+    (idempotent; cheap: it imports nothing heavy).
+
+    A user's own setting wins: HF_HUB_DISABLE_PROGRESS_BARS=0 (or
+    HF_DATASETS_DISABLE_PROGRESS_BARS=0) in the environment keeps those bars. Libraries
+    already imported are switched off through their runtime calls
+    (huggingface_hub.utils.disable_progress_bars, datasets.disable_progress_bars,
+    transformers.utils.logging.disable_progress_bar); the others read the environment
+    when they are imported.
+    """
+    for name in PROGRESS_BAR_SWITCHES:
+        os.environ.setdefault(name, "1")
+    if _truthy(os.environ["HF_HUB_DISABLE_PROGRESS_BARS"]):
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    if _truthy(os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"]) and "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+    for message in FOREIGN_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name, level in QUIET_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if logger.level < level:
+            logger.setLevel(level)
+    for name in DRAINING_SERVICES:
+        logger = logging.getLogger(name)
+        if _DRAIN_FILTER not in logger.filters:
+            logger.addFilter(_DRAIN_FILTER)
 
 
 def install_log_filter() -> None:
-    """Attach the filters above to Prefect's run loggers (idempotent; Prefect's
-    logging set-up may replace handlers, so it is called at every flow start)."""
+    """Attach the filters above to Prefect's run loggers, and quiet the libraries
+    (quiet_libraries) — idempotent; Prefect's logging set-up may replace handlers, so it
+    is called at every flow start, which also covers a flow run a worker starts (no CLI
+    runs there)."""
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
         for log_filter in _FILTERS:
             if log_filter not in logger.filters:
                 logger.addFilter(log_filter)
+    quiet_libraries()

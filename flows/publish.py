@@ -78,9 +78,12 @@ def publish_run(run_dir: str, publish: Optional[PublishSection] = None) -> dict:
         publish: where and how to publish; None: where the latest approval request
             for this run said (publish_section_for).
     """
+    from flows.approval import pending_samples
+
     train = load_run(run_dir)
     section = publish or publish_section_for(run_dir)
-    result = publish_adapter(train, section)
+    result = publish_adapter(train, section,
+                             samples=pending_samples(train.run_dir, train.adapter_sha256))
     # Automations notify on this event: once per landed commit, not per approval.
     emit_published(result.model_dump(), train.adapter_sha256)
     return {"run_dir": train.run_dir, "adapter_sha256": train.adapter_sha256,

@@ -63,6 +63,92 @@ or, on the machine that trained it: `{approval['command']}`.
 """, description="trained, not yet published")
 
 
+def samples_artifact(samples: dict, repo_id: str) -> None:
+    """A markdown artifact with the samples table (prompt, reference, base, adapter).
+
+    Created by the flow, not the samples step, so a run whose samples were a cache hit
+    shows them too; the key is stable per repo, so the UI shows their history.
+
+    Args:
+        samples: the samples step's result as JSON.
+        repo_id: the repo the run publishes to (the artifact's key).
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.publication.modelcard import samples_markdown
+
+    create_markdown_artifact(
+        key=artifact_key(repo_id, "samples"),
+        markdown=f"# Samples: adapter `{samples['adapter_sha256'][:16]}`\n\n"
+                 f"{samples_markdown(samples)}",
+        description="held-out prompts, base and adapter side by side")
+
+
+def _metric(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def approval_summary(report: dict, samples: Optional[dict]) -> str:
+    """Markdown for the approver: the adapter, its metrics and its samples. It is the
+    Resume form's description on the run's page and the "awaiting approval" artifact.
+
+    Args:
+        report: the run report so far (adapter, metrics, base model).
+        samples: the samples step's result as JSON, or None.
+    Returns:
+        Markdown.
+    """
+    from tasks.publication.modelcard import samples_markdown
+
+    adapter, metrics = report["adapter"], report.get("metrics") or {}
+    rows = "\n".join(f"| {k} | {_metric(metrics.get(k))} |" for k in
+                     ("first_loss", "last_loss", "eval_loss", "train_loss", "steps"))
+    return f"""# Approve this adapter?
+
+Adapter `{adapter['sha256'][:16]}` on `{report['base_model']['repo_id']}` @
+`{(report['base_model']['commit'] or '')[:12]}`, trained and checked locally; nothing
+is published until you resume this run with **approve**.
+
+| metric | value |
+|---|---|
+{rows}
+
+## Samples
+
+{samples_markdown(samples)}"""
+
+
+def approval_page_artifact(report: dict, samples: Optional[dict], repo_id: str,
+                           run_dir: str) -> None:
+    """The "awaiting approval" artifact of a run suspended on its own page; it also names
+    the run directory, for `loraflow publish RUN_DIR` on the machine that trained it."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        key=artifact_key(repo_id, "approval"),
+        markdown=approval_summary(report, samples)
+        + "\nResume this run (the **Resume** button on its page) to approve or reject it."
+        f"\n\n    run_dir: {run_dir}\n",
+        description="trained, waiting for approval on this run's page")
+
+
+def decision_artifact(report: dict) -> None:
+    """The approval's outcome on the run's page: who decided what, and where it went."""
+    from prefect.artifacts import create_markdown_artifact
+
+    approval = report["approval"]
+    where = (f"published to [{report['hub']['repo_id']}]({report['hub']['url']}) at "
+             f"`{report['hub']['commit']}`, tag `{report['hub']['tag']}`"
+             if report.get("hub") else "nothing was published")
+    done = {"approve": "Approved", "reject": "Rejected"}[approval["decision"]]
+    create_markdown_artifact(
+        key=artifact_key(approval["repo_id"], "approval"),
+        markdown=f"# {done} by {approval['approver']}\n\n"
+                 f"{approval['at']}: {where}.\n\n"
+                 + (f"> {approval['note']}\n" if approval.get("note") else ""),
+        description=f"{done.lower()} by {approval['approver']}")
+
+
 def published_event_id(hub: dict) -> UUID:
     """The `loraflow.adapter.published` event's id for one landed commit: a UUID5 of the
     repo's URL and the commit sha, the same in every process that sees that commit.

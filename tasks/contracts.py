@@ -199,3 +199,23 @@ class VerifyResult(BaseModel):
     commit: str
     max_abs_diff_vs_local: float
     max_abs_diff_vs_base: float
+
+
+# ------------------------------------------------------------ samples
+class Sample(BaseModel):
+    """One held-out prompt and what the base and the adapter make of it (greedy)."""
+    prompt: str
+    reference: str          # the rest of the held-out row: what training would have taught
+    base: str
+    adapter: str
+
+
+class SamplesResult(BaseModel):
+    """Generations from a few held-out prompts, base and adapter side by side.
+
+    `skipped` says why there are none (not a causal LM, no held-out rows)."""
+    adapter_sha256: str
+    max_new_tokens: int = 0
+    source: str = ""        # where the prompts came from, e.g. "first 3 eval rows"
+    samples: list[Sample] = []
+    skipped: Optional[str] = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from prefect import task
 
@@ -39,7 +40,9 @@ from tasks.retry import TRANSIENT_RETRIES
 PUBLICATIONS = "publications.json"  # in the run dir: where this run was published
 
 
-def adapter_bundle(run_dir: Path, record: dict, publish: PublishSection) -> dict[str, object]:
+def adapter_bundle(run_dir: Path, record: dict, publish: PublishSection,
+                   samples: Optional[dict] = None,
+                   approval: Optional[dict] = None) -> dict[str, object]:
     """The files of one publication: the adapter and the tokenizer saved with it, and the
     card, lineage and loss curve rendered from the training record and the publish
     section given now (rendering is pure: the same bytes on every re-publish to the same
@@ -49,13 +52,23 @@ def adapter_bundle(run_dir: Path, record: dict, publish: PublishSection) -> dict
         run_dir: the finished training's run directory.
         record: its record.json.
         publish: where and how it is published.
+        samples: the samples step's result as JSON, for the card (None: no section).
+        approval: who approved it, when, with what note, for the lineage (None: none).
     Returns:
-        Path in repo → local path or bytes.
+        Path in repo → local path or bytes. With training.report_to tensorboard, the
+        run's TensorBoard event files (RUN_DIR/tensorboard) go under `runs/`, where
+        Trainer.push_to_hub puts them and the Hub's TensorBoard tab finds them.
     """
     adapter = run_dir / "adapter"
     names = list(ADAPTER_FILES) + list((record.get("tokenizer") or {}).get("files") or [])
     files: dict[str, object] = {name: adapter / name for name in names}
-    files.update(publication_files(record, publish.model_dump(mode="json")))
+    report_to = ((record.get("profile") or {}).get("training") or {}).get("report_to") or []
+    tensorboard = run_dir / "tensorboard"
+    if "tensorboard" in report_to and tensorboard.is_dir():
+        files.update({f"runs/{path.relative_to(tensorboard).as_posix()}": path
+                      for path in sorted(tensorboard.rglob("*")) if path.is_file()})
+    files.update(publication_files(record, publish.model_dump(mode="json"), samples,
+                                   approval))
     return files
 
 
@@ -69,8 +82,10 @@ def _remember(run_dir: Path, result: PublishResult) -> None:
         path.write_text(json.dumps(seen + [entry], indent=1))
 
 
-def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
-    """Publish a trained run's adapter to publish.repo_id. Raises PublishError."""
+def run_publish(train: TrainResult, publish: PublishSection, samples: Optional[dict] = None,
+                approval: Optional[dict] = None) -> PublishResult:
+    """Publish a trained run's adapter to publish.repo_id (`samples` and `approval` go
+    to the card and the lineage, see adapter_bundle). Raises PublishError."""
     api = hub_api()
     run_dir = Path(train.run_dir)
     record = json.loads((run_dir / RECORD).read_text())
@@ -81,8 +96,9 @@ def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
         # The card pins its snippets to the version tag: known before rendering.
         tag = planned_tag(api, publish.repo_id, train.adapter_sha256, publish.tag)
         publish = publish.model_copy(update={"tag": tag})
-        result = push_bundle(api, publish.repo_id, adapter_bundle(run_dir, record, publish),
-                             train.adapter_sha256, tag, summary="loraflow: publish adapter")
+        bundle = adapter_bundle(run_dir, record, publish, samples, approval)
+        result = push_bundle(api, publish.repo_id, bundle, train.adapter_sha256, tag,
+                             summary="loraflow: publish adapter")
     except hf.HfHubHTTPError as exc:
         raise errors.translate_hub_error(
             exc, repo_id=publish.repo_id, endpoint=settings.hub_endpoint(),
@@ -95,7 +111,9 @@ def run_publish(train: TrainResult, publish: PublishSection) -> PublishResult:
 
 
 @task(name="publish", **REPORT_HOOKS, **TRANSIENT_RETRIES)
-def publish_adapter(train: TrainResult, publish: PublishSection) -> PublishResult:
+def publish_adapter(train: TrainResult, publish: PublishSection,
+                    samples: Optional[dict] = None,
+                    approval: Optional[dict] = None) -> PublishResult:
     """Prefect task: run_publish. Not cached: idempotent against the repo itself, which
     is what makes retrying it on a transient error safe (see the module docstring)."""
-    return run_publish(train, publish)
+    return run_publish(train, publish, samples, approval)

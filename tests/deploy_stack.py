@@ -229,7 +229,9 @@ class Stack:
 
     def deployment(self, entrypoint: str, name: str) -> dict:
         flow = {"flows/finetune.py:finetune": "loraflow-finetune",
-                "flows/publish.py:publish_run": "loraflow-publish"}[entrypoint]
+                "flows/publish.py:publish_run": "loraflow-publish",
+                "flows/sweep.py:sweep": "loraflow-sweep",
+                "flows/sweep.py:train_variant": "loraflow-train-variant"}[entrypoint]
         r = self.api.get(f"/deployments/name/{flow}/{name}")
         r.raise_for_status()
         return r.json()
@@ -263,6 +265,12 @@ class Stack:
         rows = self.api.post("/task_runs/filter", json={
             "task_runs": {"flow_run_id": {"any_": [run_id]}}}).json()
         return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in rows}
+
+    def children(self, run_id: str) -> list[dict]:
+        """The flow runs Prefect links to `run_id` as its subflows (its "Subflow runs"
+        tab): those whose parent task run is one of its task runs."""
+        return self.api.post("/flow_runs/filter", json={
+            "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}).json()
 
     def artifacts(self, run_id: str) -> list[dict]:
         return self.api.post("/artifacts/filter", json={

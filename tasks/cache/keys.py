@@ -333,7 +333,8 @@ def code_inputs(*module_names: str) -> dict:
 
 # The cached steps whose keys carry a code part (verify is keyed by what it checks: the
 # Hub commit and the adapter's sha256).
-KEYED_STEPS = ("tasks.download", "tasks.dataset", "tasks.train", "tasks.local_check")
+KEYED_STEPS = ("tasks.download", "tasks.dataset", "tasks.train", "tasks.local_check",
+               "tasks.samples")
 
 
 def describe_closures(steps: tuple[str, ...] = KEYED_STEPS) -> str:

@@ -279,7 +279,48 @@ def _notes(record: dict) -> str:
             ) if notes else ""
 
 
-def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None) -> str:
+def samples_markdown(samples: Optional[dict], limit: int = 400) -> str:
+    """The samples step's result (SamplesResult as JSON) as markdown: per held-out prompt,
+    the prompt, then the reference (the rest of the row), the base's and the adapter's
+    continuations one under the other — or the reason there are none. Lists, not a
+    table: the Prefect UI does not wrap table cells, and a long prompt or continuation
+    pushes the adapter's column out of view. Texts are kept on one line and cut at
+    `limit` characters.
+
+    Args:
+        samples: SamplesResult.model_dump(); None: no samples were taken.
+        limit: characters kept per text.
+    Returns:
+        Markdown.
+    """
+    if not samples or samples.get("skipped") or not samples.get("samples"):
+        return f"No samples: {(samples or {}).get('skipped') or 'none were generated'}.\n"
+
+    def text(value: str) -> str:
+        value = " ".join(value.split()) or "(empty)"
+        value = value if len(value) <= limit else value[:limit] + "…"
+        return value.replace("`", "'").replace("<", "&lt;").replace(">", "&gt;")
+
+    lines = [f"Greedy decoding, at most {samples['max_new_tokens']} new tokens, on "
+             f"{samples['source']}; *base* is the base model alone, *adapter* the base with "
+             "this adapter, *reference* the rest of the held-out row."]
+    for i, s in enumerate(samples["samples"], 1):
+        lines += ["", f"**Prompt {i}:** {text(s['prompt'])}", "",
+                  f"- reference: {text(s['reference'])}",
+                  f"- base: {text(s['base'])}",
+                  f"- adapter: {text(s['adapter'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _samples_section(samples: Optional[dict]) -> str:
+    """The card's "Samples" section, or nothing when no samples were passed."""
+    if not samples or not samples.get("samples"):
+        return ""
+    return f"## Samples\n\n{samples_markdown(samples)}\n"
+
+
+def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None,
+                      samples: Optional[dict] = None) -> str:
     """README.md text: YAML metadata (via ModelCardData) + a body that reproduces the run.
 
     Args:
@@ -288,6 +329,7 @@ def render_model_card(record: dict, repo_id: str, publish: Optional[dict] = None
         publish: the publish section given at publish time: its license, and its tag —
             the version this publication creates, which the loading snippets pin (None:
             they load the default branch).
+        samples: the samples step's result as JSON (a "Samples" section); None: none.
     Returns:
         The card's text.
     """
@@ -365,7 +407,7 @@ published by loraflow. Everything needed to reproduce the run is on this page an
 |---|---|
 {loss_rows}
 
-## Provenance
+{_samples_section(samples)}## Provenance
 
 - Hardware: {hardware}
 - Libraries: {versions}
@@ -377,9 +419,11 @@ published by loraflow. Everything needed to reproduce the run is on this page an
                          f"\n---\n{body}"))
 
 
-def lineage_manifest(record: dict, publish: Optional[dict] = None) -> dict:
+def lineage_manifest(record: dict, publish: Optional[dict] = None,
+                     approval: Optional[dict] = None) -> dict:
     """loraflow.json: the profile (no secrets) with the publish section it was published
-    with, input hashes, adapter sha256, run ids."""
+    with, input hashes, adapter sha256, run ids, and — for a publication someone
+    approved on the run's page — the approval (who, when, note)."""
     lineage = {"loraflow_lineage": 1, **{k: record.get(k) for k in LINEAGE_KEYS}}
     data = record["dataset"]
     lineage["profile"] = {**record["profile"],
@@ -388,21 +432,27 @@ def lineage_manifest(record: dict, publish: Optional[dict] = None) -> dict:
         lineage["dataset"] = {**data, "id": dataset_name(data)}
     if publish is not None:
         lineage["profile"]["publish"] = publish
+    if approval is not None:
+        lineage["approval"] = approval
     return lineage
 
 
-def publication_files(record: dict, publish: dict) -> dict[str, bytes]:
+def publication_files(record: dict, publish: dict, samples: Optional[dict] = None,
+                      approval: Optional[dict] = None) -> dict[str, bytes]:
     """Card, lineage and loss curve as bytes, keyed by their path in the repo.
 
     Args:
         record: the training's record.json.
         publish: the publish section given at publish time, as JSON (repo_id, license…).
+        samples: the samples step's result as JSON, for the card's "Samples" section.
+        approval: who approved the publication, when, and their note (into the lineage).
     Returns:
         {README.md, loraflow.json, loss_curve.png: bytes}, the same bytes for the same
         arguments.
     """
     points = [(h["step"], h["loss"]) for h in record["loss_history"]]
-    return {CARD: render_model_card(record, publish["repo_id"], publish).encode(),
-            LINEAGE: (json.dumps(lineage_manifest(record, publish), indent=1, sort_keys=True)
+    return {CARD: render_model_card(record, publish["repo_id"], publish, samples).encode(),
+            LINEAGE: (json.dumps(lineage_manifest(record, publish, approval), indent=1,
+                                 sort_keys=True)
                       + "\n").encode(),
             LOSS_CURVE: loss_curve_png(points)}

@@ -701,8 +701,41 @@ def adapter_weights_path(directory) -> Optional[Path]:
     return found[0] if len(found) == 1 else None
 
 
-def unchanged_tensors(current: dict, initial: dict) -> list[str]:
-    """Names of adapter tensors whose value equals their initial value."""
+# LoRA factor pairs as peft names them: the update is B·A (lora_embedding_*: the same
+# product for embeddings, where peft inits A, not B, with zeros).
+LORA_PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
+
+
+def _partner(name: str) -> str | None:
+    """The other factor's tensor name (`….lora_A.weight` ↔ `….lora_B.weight`,
+    `….lora_embedding_A` ↔ `….lora_embedding_B`), or None for a tensor of no pair."""
+    import re
+
+    swap = {x: y for a, b in LORA_PAIRS for x, y in ((a, b), (b, a))}
+    match = re.search(r"\.(lora_(?:embedding_)?[AB])(?=\.|$)", name)
+    if match is None:
+        return None
+    return name[:match.start(1)] + swap[match.group(1)] + name[match.end(1):]
+
+
+def unchanged_tensors(current: dict, initial: dict, steps: int | None = None) -> list[str]:
+    """Names of adapter tensors whose value equals their initial value.
+
+    Args:
+        current: tensor name → value after training.
+        initial: tensor name → value before training.
+        steps: optimizer steps taken. After exactly one, a LoRA factor whose partner
+            started all zeros is not counted: the gradient of one factor of B·A is
+            proportional to the other, so it was zero on that step.
+    Returns:
+        The names, in `initial`'s order.
+    """
     import torch
 
-    return [k for k, v in initial.items() if k in current and torch.equal(v, current[k].to(v.dtype))]
+    def exempt(name: str) -> bool:
+        partner = _partner(name)
+        return (steps == 1 and partner is not None and partner in initial
+                and not bool(initial[partner].count_nonzero()))
+
+    return [k for k, v in initial.items()
+            if k in current and torch.equal(v, current[k].to(v.dtype)) and not exempt(k)]

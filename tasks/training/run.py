@@ -256,8 +256,7 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         # Under FSDP, its own activation checkpointing replaces the Trainer's.
-        gradient_checkpointing=t.gradient_checkpointing and not uses_fsdp(profile),
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(t.gradient_checkpointing and not uses_fsdp(profile)),
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -270,9 +269,13 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        # transformers' own integrations (tensorboard, mlflow, wandb, trackio); [] is none.
+        report_to=list(t.report_to),
         remove_unused_columns=False,
-        disable_tqdm=world().rank != 0,
+        # No bar: TrainingProgress logs one metric line per logging step instead (a bar
+        # in a log is a stream of carriage returns).
+        disable_tqdm=True,
+        **tensorboard_arguments(out),
         **({} if t.optimizer == "auto" else {"optim": t.optimizer}),  # auto: fused AdamW
         **distributed_arguments(profile, model),
     )
@@ -286,8 +289,112 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     callbacks = [TrainingProgress(out.name)]  # the run directory is named by the train key
     if args.gradient_checkpointing and t.checkpoint_layers is not None:
         callbacks.append(partial_checkpointing_callback(t.checkpoint_layers))
-    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                   data_collator=collator, callbacks=callbacks), eval_ds
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=collator, callbacks=callbacks)
+    quiet_trainer(trainer, out)
+    if eval_ds is not None:  # run_train evaluates once more after training
+        end_tracking_runs_after_final_eval(trainer)
+    return trainer, eval_ds
+
+
+TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard: transformers' TensorBoard event files
+
+
+def end_tracking_runs_after_final_eval(trainer) -> None:
+    """Keep transformers' MLflow / Trackio runs open until the evaluation run_train does
+    after training. Their callbacks end the tracking run at on_train_end; the eval
+    metrics logged after that would start a second run (MLflow's fluent API starts one
+    for a metric logged with none active), splitting one training in two. Their
+    on_train_end is moved to the on_evaluate that follows training.
+
+    Args:
+        trainer: the Trainer, its callbacks built from TrainingArguments.report_to.
+    """
+    import transformers.integrations as integrations
+    from transformers import TrainerCallback
+
+    closing = tuple(getattr(integrations, name) for name in ("MLflowCallback", "TrackioCallback")
+                    if hasattr(integrations, name))
+
+    class EndAfterFinalEval(TrainerCallback):
+        def __init__(self, ends):
+            self.ends, self.trained = ends, False
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.trained = True
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.trained:
+                for end in self.ends:
+                    end(args, state, control, **kwargs)
+                self.ends = []
+
+    ends = []
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, closing):
+            ends.append(callback.on_train_end)
+            callback.on_train_end = lambda *args, **kwargs: None
+    if ends:
+        trainer.add_callback(EndAfterFinalEval(ends))
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """TrainingArguments for activation checkpointing under the name this transformers
+    takes: `activation_checkpointing*` where it exists (5.2x; the `gradient_checkpointing*`
+    aliases there raise a FutureWarning on every run), `gradient_checkpointing*` before.
+
+    Args:
+        enabled: whether the Trainer checkpoints activations.
+    Returns:
+        The two TrainingArguments keywords (non-reentrant checkpointing).
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def tensorboard_arguments(out: Path) -> dict:
+    """`logging_dir` = RUN_DIR/tensorboard where TrainingArguments still has it (older
+    transformers); newer ones read the TensorBoard callback's own directory, which
+    quiet_trainer sets.
+
+    Args:
+        out: the run directory.
+    Returns:
+        {"logging_dir": …} or {}.
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"logging_dir": str(out / TENSORBOARD_DIR)} if "logging_dir" in names else {}
+
+
+def quiet_trainer(trainer, out: Path) -> None:
+    """The Trainer's callbacks as loraflow wants them: without PrinterCallback (the
+    Trainer adds it when the bar is off; it prints every log dict on stdout, which
+    TrainingProgress's metric lines replace), and transformers' TensorBoardCallback
+    (training.report_to tensorboard) writing to RUN_DIR/tensorboard rather than
+    checkpoints/runs/<date_host>, so the event files stay with the run and are published
+    with the adapter (tasks.publish.adapter_bundle).
+
+    Args:
+        trainer: the Trainer just built.
+        out: the run directory.
+    """
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(out / TENSORBOARD_DIR)
 
 
 # --- fit --------------------------------------------------------------------------------
@@ -366,6 +473,13 @@ def save(run: TrainingRun, snapshot: SnapshotManifest, run_dir: Path) -> Path:
 def check_learned(run: TrainingRun, adapter_dir: Path) -> None:
     """Refuse an adapter with a tensor that did not move from its initial value.
 
+    After one optimizer step (a smoke run, training.max_steps 1) a factor whose partner
+    started at zero legitimately has not moved: LoRA's update is B·A, so with B = 0
+    (peft's default init) the gradient of A is zero on the first step, and Adam moves
+    nothing by a zero gradient. Those are exempt on step 1 only
+    (adapters.unchanged_tensors); every other tensor, and from step 2 every tensor,
+    must have changed.
+
     Raises:
         TrainingError: naming how many tensors did not change and one of them.
     """
@@ -377,7 +491,7 @@ def check_learned(run: TrainingRun, adapter_dir: Path) -> None:
     # tensors themselves.
     current = (adapter_weights(run.model) if run.init_peft
                else load_file(str(adapter_dir / "adapter_model.safetensors")))
-    unchanged = unchanged_tensors(current, run.initial)
+    unchanged = unchanged_tensors(current, run.initial, steps=run.trainer.state.global_step)
     if unchanged:
         raise errors.TrainingError(
             f"{len(unchanged)} LoRA tensors did not change during training (e.g. "

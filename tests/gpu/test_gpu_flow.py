@@ -51,7 +51,8 @@ def test_llama_1b_preset_through_the_whole_flow(hub, as_user, checkpoints):
     assert report["status"] == "completed", report["error"]
     assert report["base_model"]["commit"] == commit
     assert {s: v["state"] for s, v in report["steps"].items()} == dict.fromkeys(
-        ["preflight", "download", "dataset", "train", "publish", "verify"], "completed")
+        ["preflight", "download", "dataset", "train", "samples", "publish", "verify"],
+        "completed")
     m = report["metrics"]
     assert m["last_loss"] < m["first_loss"], m
     assert report["adapter"]["trainable_params"] == 11_272_192      # r=16, all-linear

@@ -9,7 +9,6 @@ to repos of its own, so the in-process flow tests see nothing of these runs.
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import pytest
@@ -54,9 +53,13 @@ def test_loraflow_deploy_registers_every_deployment_without_a_prompt(stack, hub)
         assert {"flows.deploy.load_hub_token": {"secret": "loraflow-hf-token"}} in d["pull_steps"]
     nightly = on_server["llama-3.2-1b-lora-nightly"]
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+    # GPU work on GPU pools: the quickstart's CPU worker (loraflow-local) never gets it.
+    assert nightly["work_pool_name"] == "loraflow-gpu"
+    assert not [n for n, d in on_server.items()
+                if "gpu" in d["tags"] and d["work_pool_name"] == "loraflow-local"]
     pools = {p["name"]: p["type"] for p in stack.api.post("/work_pools/filter", json={}).json()}
-    assert pools.items() >= {"loraflow-local": "process", "loraflow-docker": "docker",
-                             "loraflow-k8s": "kubernetes"}.items()
+    assert pools.items() >= {"loraflow-local": "process", "loraflow-gpu": "process",
+                             "loraflow-docker": "docker", "loraflow-k8s": "kubernetes"}.items()
     automations = {a["name"] for a in stack.api.post("/automations/filter", json={}).json()}
     assert {"loraflow-run-failed", "loraflow-version-published"} <= automations
     # The token is in the Secret block only: in no deployment, parameter or job variable.
@@ -183,25 +186,47 @@ def test_a_failing_run_notifies_the_webhook_once_with_the_typed_error(stack):
     assert "Failed" in note["subject"] and "RepoNotFoundError" in note["body"]
 
 
+def _run_dir_trained_by(stack, run_id: str) -> str:
+    """The worker's run directory whose training record names `run_id`."""
+    for record in (stack.loraflow_home / "runs").glob("*/record.json"):
+        if json.loads(record.read_text()).get("flow_run_id") == run_id:
+            return str(record.parent)
+    raise AssertionError(f"no run directory trained by {run_id}")
+
+
 def test_an_approved_publish_lands_one_commit_and_notifies_once(stack, hub):
+    """The `on-approval` deployment (`loraflow publish RUN_DIR` as a deployment) publishes
+    a run that trained and was not published: one commit, one notification, and
+    nothing more when it is approved a second time. (A gated deployment run waits on its
+    own page: tests/integration/test_approval_on_run_page.py.)"""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     deployment = stack.deploy_variant(
         "approval-check", profile={"publish": {"repo_id": APPROVAL_REPO, "when": "on_approval"}})
     created = stack.create_run(deployment["id"], {})
     assert created.status_code == 201, created.text
-    run = stack.wait_run(created.json()["id"], timeout=240)
-    assert run["state_type"] == "COMPLETED", stack.logs_of(run["id"])[-3000:]
-    states = stack.task_states(run["id"])
+    run_id = created.json()["id"]
+
+    def waiting():
+        run = stack.flow_run(run_id)
+        assert run["state_type"] not in ("FAILED", "CRASHED"), stack.logs_of(run_id)[-3000:]
+        return run["state_type"] == "PAUSED"
+
+    stack.wait_for(waiting, 240, "the gated run waiting for approval")
+    states = stack.task_states(run_id)
     assert states["local_check"] == "Completed" and "publish" not in states
     with pytest.raises(RepositoryNotFoundError):
         _published(hub, APPROVAL_REPO)
-    note = next(a for a in stack.artifacts(run["id"]) if (a["key"] or "").endswith("-approval"))
-    run_dir = re.search(r"run_dir: (\S+)", note["data"]).group(1)
+    run_dir = _run_dir_trained_by(stack, run_id)
+    # Nobody answers on the run's page; it is published another way, then let go.
+    stack.api.post(f"/flow_runs/{run_id}/set_state",
+                   json={"state": {"type": "CANCELLED", "message": "approved elsewhere"},
+                         "force": True})
 
     # Someone approves: they run the on-approval deployment with that run_dir.
     publish = stack.deployment("flows/publish.py:publish_run", "on-approval")
-    created = stack.create_run(publish["id"], {"run_dir": run_dir})
+    target = {"repo_id": APPROVAL_REPO}
+    created = stack.create_run(publish["id"], {"run_dir": run_dir, "publish": target})
     assert created.status_code == 201, created.text
     approved = stack.wait_run(created.json()["id"], timeout=120)
     assert approved["state_type"] == "COMPLETED", stack.logs_of(approved["id"])[-3000:]
@@ -213,7 +238,7 @@ def test_an_approved_publish_lands_one_commit_and_notifies_once(stack, hub):
                    "the published notification")
 
     # Approved a second time: nothing new lands, and nobody is told of a new version.
-    created = stack.create_run(publish["id"], {"run_dir": run_dir})
+    created = stack.create_run(publish["id"], {"run_dir": run_dir, "publish": target})
     again = stack.wait_run(created.json()["id"], timeout=120)
     assert again["state_type"] == "COMPLETED", stack.logs_of(again["id"])[-3000:]
     assert _published(hub, APPROVAL_REPO) == (commits, tags)

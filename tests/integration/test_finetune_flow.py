@@ -63,7 +63,8 @@ def test_reader_without_gated_access_gets_a_typed_error_and_downloads_nothing(hu
 
 def test_every_step_completes_and_the_loss_falls(first_run, hub):
     assert {s: v["state"] for s, v in first_run["steps"].items()} == dict.fromkeys(
-        ["preflight", "download", "dataset", "train", "publish", "verify"], "completed")
+        ["preflight", "download", "dataset", "train", "samples", "publish", "verify"],
+        "completed")
     assert first_run["base_model"] == {"repo_id": BASE, "commit": hub.commit(BASE)}
     m = first_run["metrics"]
     assert m["last_loss"] <= 0.7 * m["first_loss"], m
