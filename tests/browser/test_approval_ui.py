@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from deploy_stack import get_stack
-from test_ui_run import CHROMIUM, LAUNCH_ARGS, SHOTS, _property, _require_chromium
+from ui_kit import SHOTS, schema_property
 
 pytestmark = pytest.mark.browser
 
@@ -24,20 +23,6 @@ APPROVED_REPO = "loraflow-demo/approval-ui-chosen"
 MAX_STEPS = 30  # enough for the adapter to say something in the screenshot
 
 
-@pytest.fixture(scope="module")
-def browser():
-    _require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def stack(request, hub, browser):
-    return get_stack(request, hub)
 
 
 def _suspended(stack, run_id: str):
@@ -88,14 +73,14 @@ def test_resume_form_on_the_run_page_publishes_where_it_says(stack, browser, hub
         assert modal.locator("table").count() == 1  # the metrics
         assert modal.locator("li", has_text="adapter:").count() == 3  # the samples
         box = "input, textarea"
-        repo = _property(page, "Repo Id (Optional)", inside=modal).locator(box).first
+        repo = schema_property(modal, "Repo Id (Optional)").locator(box).first
         assert repo.input_value() == ASKED_REPO  # pre-filled from the profile
-        approver = _property(page, "Approver", inside=modal).locator(box).first
+        approver = schema_property(modal, "Approver").locator(box).first
         approver.fill("Ada")
         repo.fill(APPROVED_REPO)
-        _property(page, "Note (Optional)", inside=modal).locator(box).first.fill(
+        schema_property(modal, "Note (Optional)").locator(box).first.fill(
             "samples read well")
-        _property(page, "Tag (Optional)", inside=modal).locator(box).first.fill("ui-approved")
+        schema_property(modal, "Tag (Optional)").locator(box).first.fill("ui-approved")
         repo.blur()
         repo.scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "approval-resume-form.png"))

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from deploy_stack import get_stack
-from test_ui_run import CHROMIUM, LAUNCH_ARGS, SHOTS, _require_chromium
+from ui_kit import SHOTS
 
 pytestmark = pytest.mark.browser
 
@@ -20,20 +19,6 @@ REPO = "loraflow-demo/sweep-ui"
 GRID = {"lora.r": [7, 9]}  # ranks no other test trains: the variants really train
 
 
-@pytest.fixture(scope="module")
-def browser():
-    _require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def stack(request, hub, browser):
-    return get_stack(request, hub)
 
 
 def test_the_sweep_page_lists_its_variants_and_links_their_runs(stack, browser):

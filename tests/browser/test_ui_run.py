@@ -11,61 +11,20 @@ the test is skipped — loudly, and as a failure when CI=true.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
-from deploy_stack import get_stack
+from ui_kit import SHOTS, schema_property
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path(os.environ.get("LORAFLOW_CHROMIUM", "/usr/bin/chromium"))
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
 REPO = "loraflow-demo/ui-check"
 RANK = 6  # the quickstart preset's lora.r is 8
-# LORAFLOW_SCREENSHOTS=docs refreshes the screenshots the docs show.
-SHOTS = Path(os.environ["LORAFLOW_SCREENSHOTS"]) if os.environ.get("LORAFLOW_SCREENSHOTS") \
-    else Path(tempfile.mkdtemp(prefix="loraflow-shots-"))
 
 
-def _require_chromium():
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        missing = "playwright is not installed (pip install -e '.[browser]')"
-    else:
-        missing = None if CHROMIUM.exists() else f"{CHROMIUM} not found (apt-get install chromium)"
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run on CI: {missing}")
-        pytest.skip(f"BROWSER TESTS SKIPPED: {missing}")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    _require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def stack(request, hub, browser):
-    return get_stack(request, hub)
-
-
-def _property(page, label: str, inside=None):
-    """The innermost schema-form property whose own label is `label`."""
-    scope = inside or page
-    return scope.locator(
-        f"xpath=.//div[contains(@class,'schema-form-property')]"
-        f"[./div[contains(@class,'p-label__header')]//span[contains(@class,"
-        f"'schema-form-property__label') and normalize-space()='{label}']]").first
 
 
 def test_run_from_the_ui_form_with_a_changed_lora_rank(stack, browser, hub):
@@ -73,13 +32,13 @@ def test_run_from_the_ui_form_with_a_changed_lora_rank(stack, browser, hub):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     try:
         page.goto(f"{stack.ui}/deployments/deployment/{deployment['id']}/run")
-        lora = _property(page, "Lora (Optional)")
-        rank = _property(page, "R (Optional)", inside=lora).locator("input")
+        lora = schema_property(page, "Lora (Optional)")
+        rank = schema_property(lora, "R (Optional)").locator("input")
         rank.wait_for(timeout=30_000)
         assert rank.input_value() == "8"
         # Closed choices are dropdowns, every field carries its description.
         assert "LoraConfig.r / LoHaConfig.r / LoKrConfig.r: the adapter rank" in lora.inner_text()
-        dtype = _property(page, "Dtype (Optional)")
+        dtype = schema_property(page, "Dtype (Optional)")
         assert dtype.locator("button.p-select-button__control").inner_text() == "float32"
         rank.fill(str(RANK))
         rank.blur()

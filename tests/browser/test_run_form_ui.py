@@ -12,60 +12,18 @@ test_ui_run.py; without it the test is skipped, and fails when CI=true.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import pytest
-from deploy_stack import get_stack
+from ui_kit import SHOTS, schema_property
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path(os.environ.get("LORAFLOW_CHROMIUM", "/usr/bin/chromium"))
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHOTS = Path(os.environ["LORAFLOW_SCREENSHOTS"]) if os.environ.get("LORAFLOW_SCREENSHOTS") \
-    else Path(tempfile.mkdtemp(prefix="loraflow-shots-"))
 NOISE = ('Property is type "None"', "is a const and cannot be changed")
 SECTIONS = ("Model", "Data", "Publish", "Lora (Optional)", "Training (Optional)",
             "Quantization (Optional)")
 
 
-def _require_chromium():
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        missing = "playwright is not installed (pip install -e '.[browser]')"
-    else:
-        missing = None if CHROMIUM.exists() else f"{CHROMIUM} not found (apt-get install chromium)"
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run on CI: {missing}")
-        pytest.skip(f"BROWSER TESTS SKIPPED: {missing}")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    _require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def stack(request, hub, browser):
-    return get_stack(request, hub)
-
-
-def _property(scope, label: str):
-    """The innermost schema-form property whose own label is `label`."""
-    return scope.locator(
-        f"xpath=.//div[contains(@class,'schema-form-property')]"
-        f"[./div[contains(@class,'p-label__header')]//span[contains(@class,"
-        f"'schema-form-property__label') and normalize-space()='{label}']]").first
 
 
 def _labels(section) -> list[str]:
@@ -80,11 +38,11 @@ def test_the_run_form_is_free_of_noise_keeps_placeholders_and_groups_advanced_fi
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     try:
         page.goto(f"{stack.ui}/deployments/deployment/{deployment['id']}/run")
-        publish = _property(page, "Publish")
-        merged = _property(publish, "Merged (Optional)")
+        publish = schema_property(page, "Publish")
+        merged = schema_property(publish, "Merged (Optional)")
         merged.wait_for(timeout=30_000)
-        training = _property(page, "Training (Optional)")
-        _property(training, "Advanced: Data Parallel (Optional)").wait_for(timeout=30_000)
+        training = schema_property(page, "Training (Optional)")
+        schema_property(training, "Advanced: Data Parallel (Optional)").wait_for(timeout=30_000)
         page.wait_for_load_state("networkidle")
 
         text = page.locator("body").inner_text()
@@ -96,16 +54,16 @@ def test_the_run_form_is_free_of_noise_keeps_placeholders_and_groups_advanced_fi
         labels = _labels(page)
         assert [label for label in labels if label in SECTIONS] == list(SECTIONS), labels
         for name in ("Model", "Lora (Optional)", "Training (Optional)"):
-            labels = _labels(_property(page, name))[1:]  # [0] is the section's own
+            labels = _labels(schema_property(page, name))[1:]  # [0] is the section's own
             advanced = [i for i, label in enumerate(labels) if label.startswith("Advanced: ")]
             assert advanced and advanced == list(range(advanced[0], len(labels))), labels
         # New fields render as their types say: a list of choices, a dropdown.
-        assert _property(training, "Report To (Optional)").count() == 1
+        assert schema_property(training, "Report To (Optional)").count() == 1
 
         SHOTS.mkdir(parents=True, exist_ok=True)
         publish.scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "run-form.png"))
-        _property(training, "Advanced: Weight Decay (Optional)").scroll_into_view_if_needed()
+        schema_property(training, "Advanced: Weight Decay (Optional)").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "run-form-advanced.png"))
     finally:
         page.close()
