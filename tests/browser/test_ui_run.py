@@ -2,7 +2,11 @@
 
 The UI is the one `prefect server start` serves (offline, from the package); the form is
 rendered from the flow's typed parameters. The test sets lora.r in it, clicks Submit,
-waits for the worker's run to complete and reads adapter_config.json back from localhub.
+sees the loss in the run's logs and its training-metrics artifact while it trains, and,
+once it completed, the run's logs, the metrics table and a loss curve that renders
+(markdown: the private repo's PNG would be a broken image), then reads
+adapter_config.json back from localhub. Screenshots: ui-run-form.png, ui-run-logs.png,
+ui-training-metrics.png, ui-loss-curve.png, ui-flow-run.png (LORAFLOW_SCREENSHOTS=docs).
 
 Chromium is Debian's (/usr/bin/chromium, `apt-get install chromium`), driven by
 Playwright from PyPI; `playwright install` (a download) is never run. Without chromium
@@ -11,6 +15,7 @@ the test is skipped — loudly, and as a failure when CI=true.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -21,6 +26,25 @@ pytestmark = pytest.mark.browser
 
 REPO = "loraflow-demo/ui-check"
 RANK = 6  # the quickstart preset's lora.r is 8
+# One metric line per logging step (tasks/training/progress.py): "step 10/60 · loss 2.3412 · …"
+METRIC_LINE = re.compile(r"step \d+/\d+ · loss \d+\.\d{4}")
+LOGGED_ROW = re.compile(r"^\| \d+ \| \d+\.\d{4} \|", re.M)  # a step's row of the metrics table
+BROKEN_IMAGES = "() => [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length"
+
+
+def _metrics_while_training(stack, run_id: str, seen: dict) -> bool:
+    """Polled while the run goes: note a metric line in its logs and a loss in its
+    training-metrics artifact seen while it was still RUNNING; done when both were seen or
+    the run ended."""
+    state = stack.flow_run(run_id)["state_type"]
+    if state == "RUNNING":
+        if METRIC_LINE.search(stack.logs_of(run_id)):
+            seen.setdefault("log", True)
+        for a in stack.artifacts(run_id):
+            if (a["key"] or "").startswith("training-metrics-") and LOGGED_ROW.search(
+                    a["data"] or ""):
+                seen.setdefault("artifact", a["data"])
+    return {"log", "artifact"} <= set(seen) or state in ("COMPLETED", "FAILED", "CRASHED")
 
 
 
@@ -73,8 +97,29 @@ def test_run_from_the_ui_form_with_a_changed_lora_rank(stack, browser, hub):
             raise AssertionError(f"no run from the UI; the server answered: {answers}")
         (created,) = stack.runs_of(deployment["id"])
         assert created["parameters"]["profile"]["lora"]["r"] == RANK
+        seen: dict = {}
+        stack.wait_for(lambda: _metrics_while_training(stack, created["id"], seen), 300,
+                       "the loss in the logs and the metrics artifact while it trains")
+        assert seen.get("log") and seen.get("artifact"), seen
         run = stack.wait_run(created["id"], timeout=300)
         assert run["state_type"] == "COMPLETED", stack.logs_of(run["id"])[-3000:]
+
+        # The run's logs, as the UI shows them: one metric line per logging step.
+        page.goto(f"{stack.ui}/runs/flow-run/{run['id']}")
+        line = page.get_by_text(METRIC_LINE).first
+        line.wait_for(timeout=30_000)
+        line.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "ui-run-logs.png"))
+        # The metrics table and the loss curve render: figures, and no broken image.
+        by_key = {a["key"]: a for a in stack.artifacts(run["id"]) if a["key"]}
+        metrics = next(a for k, a in by_key.items() if k.startswith("training-metrics-"))
+        curve = by_key[f"{REPO.replace('/', '-')}-loss-curve"]
+        for artifact, shot in ((metrics, "ui-training-metrics.png"), (curve, "ui-loss-curve.png")):
+            page.goto(f"{stack.ui}/artifacts/artifact/{artifact['id']}")
+            page.get_by_text(re.compile(r"\d+\.\d{4}")).first.wait_for(timeout=30_000)
+            page.wait_for_load_state("networkidle")
+            assert page.evaluate(BROKEN_IMAGES) == 0, f"a broken image on {artifact['key']}"
+            page.screenshot(path=str(SHOTS / shot), full_page=True)
 
         # What the user sees on the run's page: Completed, and the run's artifacts.
         page.goto(f"{stack.ui}/runs/flow-run/{run['id']}")

@@ -119,8 +119,15 @@ def test_a_local_sweep_links_its_variants_and_publishes_the_best_verified(hub, a
     assert event.payload["commit"] == best["commit"]
     assert event.payload["profile"] == best["variant"]
 
+    from prefect.client.schemas.filters import (
+        ArtifactCollectionFilter,
+        ArtifactCollectionFilterKey,
+    )
+
+    wanted = ["loraflow-sweep", "loraflow-sweep-runs"]  # by key: the suite makes hundreds
     with _client() as client:
-        table = client.read_latest_artifacts()
+        table = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+            key=ArtifactCollectionFilterKey(any_=wanted)))
     keys = {a.key: a for a in table}
     assert "loraflow-sweep" in keys and "loraflow-sweep-runs" in keys
     assert best["commit"][:12] in keys["loraflow-sweep-runs"].data
