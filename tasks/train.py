@@ -124,7 +124,7 @@ def train_adapter(profile: Profile, preflight: PreflightReport, snapshot: Snapsh
     """
     launch = launch_inputs(profile, preflight, snapshot, dataset, flow_run_id)
     out = Path(launch["run_dir"])
-    launcher, nproc = resolve_launcher(profile.training)
+    launcher, nproc = resolve_launcher(profile.training, device_map=profile.model.device_map)
     if launcher == "single":
         from tasks.training.speed import undo_module_patches
 

@@ -244,7 +244,7 @@ def plan_memory(profile: Profile, tensors: TensorSpecs, config: dict,
     gpus = visible_gpus() if gpus is None else gpus
     on_gpu = bool(gpus) and profile.model.device_map != "cpu"
     bf16_ok = all(g.bf16 for g in gpus) if gpus else True
-    processes = resolve_launcher(profile.training, len(gpus))[1]
+    processes = resolve_launcher(profile.training, len(gpus), profile.model.device_map)[1]
     forced_fsdp = processes > 1 and profile.training.data_parallel == "fsdp"
     if forced_fsdp and not on_gpu:
         raise errors.ProfileError(

@@ -28,18 +28,30 @@ TRANSIENT_WORKER_ERRORS = {"DistBackendError", "DistNetworkError", "DistStoreErr
                            "RendezvousError", "ChildFailedError"}
 
 
-def resolve_launcher(training: TrainingSection, gpus: Optional[int] = None) -> tuple[str, int]:
-    """("single", 1) or ("torchrun", nproc) for this machine and profile.
+def spreads(device_map) -> bool:
+    """Whether a model.device_map places one model over several devices (auto, or a
+    module map naming more than one): the one process already uses every GPU."""
+    if device_map == "auto":
+        return True
+    return isinstance(device_map, dict) and len({str(v) for v in device_map.values()}) > 1
+
+
+def resolve_launcher(training: TrainingSection, gpus: Optional[int] = None,
+                     device_map=None) -> tuple[str, int]:
+    """("single", 1) or ("torchrun", nproc) for this machine and profile. `auto` runs one
+    process on one GPU, or when model.device_map spreads one model over the GPUs (data
+    parallelism would load that spread model once per process); else one per GPU.
 
     Args:
         training: the profile's training section (launcher, nproc_per_node).
         gpus: how many GPUs to plan for, when the caller has counted them already;
             else those of the one device inventory (tasks.memory.devices.visible_gpus).
+        device_map: the profile's model.device_map.
     """
     gpus = len(devices.visible_gpus()) if gpus is None else gpus
     nproc = training.nproc_per_node or max(gpus, 1)
-    if training.launcher == "single" or (training.launcher == "auto" and gpus <= 1
-                                         and not training.nproc_per_node):
+    if training.launcher == "single" or (training.launcher == "auto" and (
+            spreads(device_map) or (gpus <= 1 and not training.nproc_per_node))):
         return "single", 1
     return ("torchrun", nproc) if nproc > 1 or training.launcher == "torchrun" else ("single", 1)
 

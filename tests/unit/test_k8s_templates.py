@@ -180,6 +180,11 @@ def test_the_launcher_uses_every_gpu_of_the_pod(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert resolve_launcher(TrainingSection()) == ("torchrun", 4)
+    # A device_map that spreads one model over the GPUs runs one process that uses them all.
+    assert resolve_launcher(TrainingSection(), device_map="auto") == ("single", 1)
+    assert resolve_launcher(TrainingSection(), device_map={"model": 0, "lm_head": 1}) == (
+        "single", 1)
+    assert resolve_launcher(TrainingSection(), device_map={"": 0}) == ("torchrun", 4)
 
 
 # --- the multi-node recipe ------------------------------------------------------------

@@ -183,15 +183,13 @@ def test_device_map_auto_spreads_over_gpus_and_is_suggested():
     assert "--set model.device_map=auto" in str(err.value)
     auto = load_profile("llama-3.1-8b-qlora", [
         "quantization.mode=none", "training.per_device_batch_size=1",
-        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 15GiB, 1: 15GiB}",
-        "training.launcher=single"])
+        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 15GiB, 1: 15GiB}"])
     report = plan_memory(auto, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
     assert report.fits and report.placement == "spread over gpu:0,gpu:1"
     # A max_memory below what the weights need refuses the same run.
     tight = load_profile("llama-3.1-8b-qlora", [
         "quantization.mode=none", "training.per_device_batch_size=1",
-        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 6GiB, 1: 6GiB}",
-        "training.launcher=single"])
+        "data.max_length=512", "model.device_map=auto", "model.max_memory={0: 6GiB, 1: 6GiB}"])
     with pytest.raises(InsufficientMemoryError):
         plan_memory(tight, tensors, LLAMA_3_1_8B, gpus=gpus, ram_bytes=0)
 
