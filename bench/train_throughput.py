@@ -48,9 +48,14 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 FAST = {"liger_kernel": "auto", "torch_compile": False}
 COMPILE = {"torch_compile": True}
 CKPT = {"gradient_checkpointing": True}
+OFFLOAD = {"gradient_checkpointing": True, "offload_activations": True}
+LAYERS = {"liger_kernel": True}  # Liger in the decoder layers too, compiled or not
+FP8 = {"fp8": True}
 CASES = {
     "llama-1b": (8, [("bs8", 8, {**FAST}),
                      ("bs8-compile", 8, {**FAST, **COMPILE}),
+                     ("bs8-compile-liger-layers", 8, {**FAST, **COMPILE, **LAYERS}),
+                     ("bs8-compile-fp8", 8, {**FAST, **COMPILE, **FP8}),
                      ("bs8-no-liger", 8, {"liger_kernel": False, "torch_compile": False}),
                      ("bs8-no-liger-compile", 8, {"liger_kernel": False, **COMPILE})]),
     "llama-8b": (4, [("bs2x2", 2, {**FAST})] + [
@@ -64,13 +69,21 @@ CASES = {
         # preflight picks the batch and checkpointing (tasks/memory/ fit_to_cap)
         ("cap48", 4, {**FAST, "memory_cap_gib": 48}),
         ("cap31.3", 4, {**FAST, "memory_cap_gib": 31.3}),
-        ("cap31.3-compile", 4, {**FAST, **COMPILE, "memory_cap_gib": 31.3})]),
+        ("cap31.3-compile", 4, {**FAST, **COMPILE, "memory_cap_gib": 31.3}),
+        ("bs2x2-compile-liger-layers", 2, {**FAST, **COMPILE, **LAYERS}),
+        ("bs2x2-compile-fp8", 2, {**FAST, **COMPILE, **FP8}),
+        ("bs4-offload", 4, {**FAST, **OFFLOAD}),
+        ("bs4-offload-compile", 4, {**FAST, **OFFLOAD, **COMPILE}),
+        ("bs4-offload28-compile", 4, {**FAST, **OFFLOAD, **COMPILE, "checkpoint_layers": 28}),
+        ("bs4-offload-compile-fp8", 4, {**FAST, **OFFLOAD, **COMPILE, **FP8})]),
     "llama-8b-nf4": (4, [("bs4-ckpt-all", 4, {**FAST, **CKPT})] + [
         (f"bs4-ckpt{n}", 4, {**FAST, **CKPT, "checkpoint_layers": n})
         for n in (26, 28)] + [
         ("bs4-ckpt-all-compile", 4, {**FAST, **CKPT, **COMPILE}),
         ("bs4-ckpt-all-adamw_8bit", 4, {**FAST, **CKPT, "optimizer": "adamw_8bit"}),
-        ("cap20", 4, {**FAST, "memory_cap_gib": 20})]),
+        ("cap20", 4, {**FAST, "memory_cap_gib": 20}),
+        ("bs4-offload", 4, {**FAST, **OFFLOAD}),
+        ("bs4-offload-compile", 4, {**FAST, **OFFLOAD, **COMPILE})]),
 }
 
 
@@ -180,7 +193,49 @@ class StepProbe:
         return Probe()
 
 
+class StepProfiler:
+    """With BENCH_PROFILE=CASE (and BENCH_PROFILE_DIR=DIR), torch.profiler records optimizer
+    step 6 of that loraflow case and writes the kernels by GPU time to
+    DIR/profile-CASE.txt: where a step's time goes."""
+
+    def __init__(self):
+        self.case = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        profiler = self
+
+        class Profile(TrainerCallback):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if profiler.case and state.global_step == 5 and self.prof is None:
+                    import torch
+
+                    self.prof = torch.profiler.profile(activities=[
+                        torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if self.prof is not None and state.global_step == 6:
+                    import torch
+
+                    torch.cuda.synchronize()
+                    self.prof.__exit__(None, None, None)
+                    table = self.prof.key_averages().table(sort_by="cuda_time_total",
+                                                           row_limit=45, max_name_column_width=90)
+                    path = Path(os.environ.get("BENCH_PROFILE_DIR", "/tmp")) / \
+                        f"profile-{profiler.case}.txt"
+                    path.write_text(table)
+                    self.prof = None
+                    profiler.case = None
+
+        return Profile()
+
+
 PROBE = StepProbe()
+PROFILER = StepProfiler()
 _PROBE_INSTALLED = False
 
 
@@ -194,6 +249,7 @@ def install_probe() -> bool:
         return False
     if not _PROBE_INSTALLED:
         defaults.append(PROBE.callback())
+        defaults.append(PROFILER.callback())
         _PROBE_INSTALLED = True
     return True
 
@@ -259,7 +315,7 @@ def run_loraflow(model_dir: Path, dataset: dict, quant: str, per_device: int,
             "ckpt_layers": layers.get("checkpointed") if probed else None,
             "layers": layers.get("layers"),
             "compiled_layers": layers.get("compiled"),
-            "offload": False,  # loraflow has no activation offload (yet)
+            "offload": bool((record.get("speed") or {}).get("offloaded_layers")),
             "speed": record.get("speed"),
             "trains": trains,
             "init": str(Path(result.run_dir) / "adapter_init.safetensors")}
@@ -385,14 +441,19 @@ def fixed_length(out: Path, shape_arg: str, only: list[str]) -> None:
     global_batch, cases = CASES[shape_arg]
     model_dir = save_random_model(shape)
     cfg = LlamaConfig(**baseline_peft.SHAPES[shape])
-    base = baseline_peft.run(shape, quant, SEQ, global_batch, ckpt=shape != "llama-1b",
-                             liger=False, steps=STEPS, warm=WARM, tmp=str(WORK))
-    emit(out, {"shape": shape_arg, "path": "baseline", **base})
-    free_cuda()
+    if os.environ.get("BENCH_NO_BASELINE"):  # exploring levers: loraflow's cases only
+        base = {"tokens_per_s": None}
+    else:
+        base = baseline_peft.run(shape, quant, SEQ, global_batch, ckpt=shape != "llama-1b",
+                                 liger=False, steps=STEPS, warm=WARM, tmp=str(WORK))
+        emit(out, {"shape": shape_arg, "path": "baseline", **base})
+        free_cuda()
     dataset = write_dataset(random_rows(global_batch, SEQ), f"fixed-{global_batch}")
     for name, per_device, fields in cases:
         if only and name not in only:
             continue
+        if os.environ.get("BENCH_PROFILE") in (name, f"{shape_arg}:{name}"):
+            PROFILER.case = f"{shape_arg}-{name}"
         try:
             r = run_loraflow(model_dir, dataset, "nf4" if quant else "none", per_device,
                              global_batch, fields, WARM + 4 * LOG_EVERY)
@@ -406,7 +467,8 @@ def fixed_length(out: Path, shape_arg: str, only: list[str]) -> None:
                **rates(r["step_s"], global_batch * SEQ, cfg, SEQ),
                "peak_mem_gib": r["peak_mem_gib"], "memory_plan": r["memory_plan"],
                **probe_fields(r)}
-        row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
+        if base["tokens_per_s"]:
+            row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
         emit(out, row)
 
 

@@ -512,7 +512,7 @@ class TrainingSection(_Section):
     """The training loop (transformers.TrainingArguments)."""
 
     form_advanced = ("weight_decay", "max_grad_norm", "checkpoint_layers", "memory_cap_gib",
-                     "liger_kernel", "torch_compile", "optimizer", "save_total_limit", "seed",
+                     "liger_kernel", "torch_compile", "offload_activations", "fp8", "optimizer", "save_total_limit", "seed",
                      "launcher", "nproc_per_node", "global_batch_size", "data_parallel")
 
     learning_rate: float = Field(2e-4, gt=0, description="TrainingArguments.learning_rate.")
@@ -544,10 +544,12 @@ class TrainingSection(_Section):
         False, description="Pack each micro-batch's examples into rows of data.max_length "
         "tokens (position_ids restart per example, attention never crosses examples) "
         "instead of padding them: the same loss on far fewer padding tokens.")
-    liger_kernel: Union[Literal["auto"], bool] = Field(
+    liger_kernel: Union[Literal["auto", "loss"], bool] = Field(
         "auto", description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
-        "linear cross-entropy; package liger-kernel, extra loraflow[fast]). auto: on when "
-        "installed and a CUDA GPU is present.")
+        "linear cross-entropy; package liger-kernel, extra loraflow[fast]). loss: only the "
+        "fused linear cross-entropy, the decoder layers left as they are (for "
+        "torch.compile to fuse). auto: on when installed and a CUDA GPU is present — only "
+        "the loss when the decoder layers are compiled (measured faster, docs/benchmarks.md).")
     torch_compile: Union[Literal["auto"], bool] = Field(
         "auto", description="torch.compile each decoder layer (regional compilation, "
         "inductor): fuses the elementwise work around the matmuls, LoRA's among it, for "
@@ -555,6 +557,18 @@ class TrainingSection(_Section):
         "shape. auto: on with training.packing (fixed row length) for a causal-lm without "
         "quantization trained by one process on a CUDA GPU; off for padded batches, whose "
         "length changes, and on a 4-bit base, where it measured no faster.")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing: each checkpointed layer's input "
+        "(batch × sequence × hidden, 16-bit) waits for the backward in pinned CPU memory "
+        "instead of on the GPU, copied out and back on a side stream while other layers "
+        "compute — saves that much GPU memory per checkpointed layer for little time. One "
+        "process on a CUDA GPU.")
+    fp8: bool = Field(
+        False, description="FP8 matmuls for the frozen base weights of every LoRA-wrapped "
+        "linear layer (e4m3, row-wise scales, torch._scaled_mm); the adapter itself trains "
+        "in 16/32 bits. Changes the base's matmul precision (the loss moves slightly): "
+        "opt-in. Needs a GPU with FP8 tensor cores (compute capability ≥ 8.9) and no "
+        "quantization.")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
                        "paged_adamw_8bit"] = Field(
         "auto", description="TrainingArguments.optim. auto: transformers' default (fused "
@@ -648,6 +662,19 @@ class Profile(_Section):
             raise ValueError("training.checkpoint_layers: it chooses which layers are "
                              "checkpointed, but training.gradient_checkpointing is false. Fix: "
                              "set gradient_checkpointing to true, or checkpoint_layers to null.")
+        if self.training.offload_activations and not self.training.gradient_checkpointing:
+            raise ValueError("training.offload_activations: it moves the inputs of "
+                             "checkpointed layers to CPU memory, but training."
+                             "gradient_checkpointing is false. Fix: set gradient_checkpointing "
+                             "to true, or offload_activations to false.")
+        if self.training.fp8 and self.quantization.mode != "none":
+            raise ValueError(f"training.fp8: FP8 matmuls replace 16-bit base weights, but "
+                             f"quantization.mode is {self.quantization.mode}. Fix: set "
+                             "training.fp8 to false, or quantization.mode to none.")
+        if self.training.fp8 and self.lora.use_dora:
+            raise ValueError("training.fp8: DoRA reads the base weight itself, which FP8 "
+                             "replaces. Fix: set training.fp8 to false, or lora.use_dora to "
+                             "false.")
         if self.model.trust_remote_code and not SHA_RE.match(self.model.revision):
             raise ValueError("model.trust_remote_code: remote code runs only from a pinned "
                              "commit. Fix: set model.revision to a 40-hex commit sha, or "

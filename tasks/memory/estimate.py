@@ -86,6 +86,8 @@ ACTIVATIONS = {
     "fp32": ActivationCoefficients(base_d=18.7, base_f=12.0, per_target=4.0,
                                    shared_inputs=True, dropout=6.0, eager=5.0),
 }
+# training.offload_activations: layer inputs on the GPU at once during the backward.
+OFFLOADED_INPUTS_ON_GPU = 2
 # Fragmentation between torch's peak allocation and what it reserves from the GPU.
 HEADROOM = 0.08
 
@@ -231,8 +233,11 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     act_elem = 4 if mode == "fp32" else 2
     checkpointed = checkpointed_layers(t, layers)
     # A checkpointed layer keeps its input and backward recomputes one at a time; the
-    # others keep everything.
-    activations = tokens * (checkpointed * act_elem * d + (layers - checkpointed) * per_layer
+    # others keep everything. Offloaded inputs wait in CPU memory: at most two are on the
+    # GPU at once (the one being recomputed and the one prefetched, tasks.training.offload).
+    kept_inputs = min(checkpointed, OFFLOADED_INPUTS_ON_GPU) if t.offload_activations \
+        else checkpointed
+    activations = tokens * (kept_inputs * act_elem * d + (layers - checkpointed) * per_layer
                             + (per_layer if checkpointed else 0))
     # The loss is over the vocabulary per token for the language-model tasks; a
     # classification head has a handful of labels (per token, or per sequence).

@@ -175,8 +175,15 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     Returns:
         (the PeftModel, whether Liger kernels were applied).
     """
+    import torch
+
     from tasks.training.modeling import inject_adapter, load_base_model
-    from tasks.training.speed import apply_liger, use_liger
+    from tasks.training.speed import (
+        apply_liger,
+        liger_in_layers,
+        use_liger,
+        use_torch_compile,
+    )
 
     model_section, quant = rank_loading(profile)
     sharded = uses_fsdp(profile)
@@ -185,13 +192,37 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     # sharded: FSDP runs without Liger.
     liger = use_liger(profile, base.config.model_type) and not sharded
     if liger:
-        apply_liger(base)
+        compiled = use_torch_compile(profile, torch.cuda.is_available(), world().size)
+        apply_liger(base, layers=liger_in_layers(profile, compiled))
     continued = snapshot.adapter  # model.id is an adapter repo: train it on, not a fresh one
     model = inject_adapter(base, profile.lora, quant,
                            profile.training.gradient_checkpointing and not sharded, sharded,
                            task=profile.model.task,
                            continue_from=continued.local_dir if continued else None)
+    if profile.training.fp8:
+        use_fp8(model)
     return model, liger
+
+
+def use_fp8(model) -> int:
+    """training.fp8: the frozen base weights of the LoRA layers in FP8 (tasks.training.fp8).
+
+    Raises:
+        ProfileError: no GPU with FP8 tensor cores, or no layer that FP8 can take.
+    """
+    from tasks.training.fp8 import convert_base_layers_to_float8, float8_supported
+
+    if not float8_supported():
+        raise errors.ProfileError(
+            "training.fp8: FP8 matmuls need a CUDA GPU with FP8 tensor cores (compute "
+            "capability 8.9 or newer: Ada, Hopper, Blackwell), and none is visible. Fix: set "
+            "training.fp8 to false.")
+    converted = convert_base_layers_to_float8(model)
+    if converted == 0:
+        raise errors.ProfileError(
+            "training.fp8: no LoRA-wrapped linear layer FP8 can take (plain nn.Linear, sizes "
+            "multiples of 16). Fix: set training.fp8 to false.")
+    return converted
 
 
 def initial_adapter(profile: Profile, model, run_dir: Path) -> tuple[Optional[Path], dict]:
@@ -289,6 +320,17 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     callbacks = [TrainingProgress(out.name)]  # the run directory is named by the train key
     if args.gradient_checkpointing and t.checkpoint_layers is not None:
         callbacks.append(partial_checkpointing_callback(t.checkpoint_layers))
+    if args.gradient_checkpointing and t.offload_activations:  # after partial checkpointing
+        if world().size > 1:
+            raise errors.ProfileError(
+                "training.offload_activations: the offloaded checkpointing runs its own "
+                "backward per layer, which data-parallel gradient hooks do not expect; it "
+                f"runs in one process and this training has {world().size}. Fix: set "
+                "training.offload_activations to false, or train in one process "
+                "(training.launcher: single).")
+        from tasks.training.offload import offload_callback
+
+        callbacks.append(offload_callback())
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, callbacks=callbacks)
     quiet_trainer(trainer, out)
@@ -548,5 +590,11 @@ def adapter_entry(run: TrainingRun, adapter_dir: Path) -> dict:
 
 def speed_entry(run: TrainingRun) -> dict:
     """The speed levers as this run resolved them ("auto" in the profile)."""
-    return {"liger_kernel": run.liger, "torch_compile": any(
-        getattr(m, "_compiled_call_impl", None) is not None for m in run.model.modules())}
+    from tasks.training.offload import offloading_layers
+
+    modules = list(run.model.modules())
+    return {"liger_kernel": run.liger,
+            "torch_compile": any(getattr(m, "_compiled_call_impl", None) is not None
+                                 for m in modules),
+            "offloaded_layers": offloading_layers(run.model),
+            "fp8_layers": sum(1 for m in modules if type(m).__name__ == "Float8FrozenLinear")}

@@ -124,11 +124,21 @@ def use_liger(profile: Profile, model_type: Optional[str] = None) -> bool:
 _PATCHED: list[tuple[object, dict]] = []
 
 
-def apply_liger(base) -> None:
-    """Swap RMSNorm, RoPE and SwiGLU for Liger's kernels and make the causal-LM loss a
-    fused linear cross-entropy (the vocabulary-sized logits are never materialized),
-    before the adapter is injected: the patched MLP still calls the (LoRA-wrapped)
-    projections, and lm_head is not an adapter target.
+def liger_in_layers(profile: Profile, compiled: bool) -> bool:
+    """Whether Liger's RMSNorm, RoPE and SwiGLU replace the decoder layers' own
+    (training.liger_kernel): "loss" → no, only the fused linear cross-entropy; true → yes;
+    auto → not when the layers are compiled: inductor fuses that elementwise work itself
+    and, seeing the whole layer, keeps SwiGLU's inputs instead of its product for the
+    backward (measured faster and lighter, docs/benchmarks.md)."""
+    choice = profile.training.liger_kernel
+    return choice is True or (choice == "auto" and not compiled)
+
+
+def apply_liger(base, layers: bool = True) -> None:
+    """Make the causal-LM loss a fused linear cross-entropy (the vocabulary-sized logits
+    are never materialized) and, with `layers`, swap RMSNorm, RoPE and SwiGLU for Liger's
+    kernels — before the adapter is injected: the patched MLP still calls the
+    (LoRA-wrapped) projections, and lm_head is not an adapter target.
 
     Liger also replaces globals of the model's modeling module (the RoPE function, the
     norm and MLP classes), which would reach every later model of that type in this
@@ -141,7 +151,8 @@ def apply_liger(base) -> None:
 
     module = sys.modules[type(base).__module__]
     _PATCHED.append((module, dict(vars(module))))
-    _apply_liger_kernel_to_instance(model=base)
+    _apply_liger_kernel_to_instance(model=base, rope=layers, rms_norm=layers, swiglu=layers,
+                                    fused_linear_cross_entropy=True)
 
 
 def undo_module_patches() -> int:

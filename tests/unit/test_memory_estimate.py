@@ -131,6 +131,11 @@ def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
     assert b.activation_bytes == 2 * a.activation_bytes and b.loss_bytes == 2 * a.loss_bytes
     c = est("training.per_device_batch_size=4", "training.gradient_checkpointing=true")
     assert c.activation_bytes < b.activation_bytes / 5
+    # Offloaded checkpointing: 16 layer inputs (4 × 2048 tokens × 2048 × 2 B each) leave
+    # the GPU but for the two the backward holds.
+    offloaded = est("training.per_device_batch_size=4", "training.gradient_checkpointing=true",
+                    "training.offload_activations=true")
+    assert c.activation_bytes - offloaded.activation_bytes == 14 * 4 * 2048 * 2048 * 2
     no_dropout = est("lora.dropout=0")
     assert no_dropout.activation_bytes < est().activation_bytes
     eager = est("model.attn_implementation=eager")

@@ -45,6 +45,9 @@ def test_packed_loss_equals_the_unpacked_loss(tiny_llama_dir, attn):
     (["training.packing=true", "model.task=seq-classification", "data.format=text-label"],
      "training.packing"),
     (["training.checkpoint_layers=4"], "training.checkpoint_layers"),
+    (["training.offload_activations=true"], "training.offload_activations"),
+    (["training.fp8=true", "quantization.mode=nf4"], "training.fp8"),
+    (["training.fp8=true", "lora.use_dora=true"], "training.fp8"),
 ])
 def test_speed_options_that_do_not_fit_are_refused(sets, field):
     from profiles.loader import ProfileError, load_profile

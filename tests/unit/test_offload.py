@@ -1,0 +1,73 @@
+"""Offloaded activation checkpointing (tasks.training.offload): the gradients equal those
+of training without checkpointing — LoRA dropout included, whose masks the recomputation
+must draw again — each offloaded layer runs its forward twice, and the layer inputs wait
+outside the autograd graph (the CPU copy on a CPU run)."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def tiny_lora_llama(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                             target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    return model
+
+
+def lora_grads(model, ids) -> dict:
+    torch.manual_seed(123)  # the dropout masks
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing():
+    from tasks.training.offload import offload_checkpointed_layers, offloading_layers
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    plain = lora_grads(tiny_lora_llama(), ids)
+
+    model = tiny_lora_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = model.base_model.model.model.layers
+    layers[2].gradient_checkpointing = False          # as partial checkpointing leaves it
+    assert offload_checkpointed_layers(model) == 2 == offloading_layers(model)
+    calls = []
+    for i, layer in enumerate(layers):
+        layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    offloaded = lora_grads(model, ids)
+
+    assert calls.count(0) == calls.count(1) == 2 and calls.count(2) == 1  # recomputed
+    assert plain.keys() == offloaded.keys() and len(plain) == 3 * 7 * 2
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(offloaded[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_second_micro_batch_links_its_own_layers_only():
+    """Gradient accumulation: the layer chain of one forward pass never reaches into the
+    previous pass (each backward prefetches only its own pass's earlier layer)."""
+    from tasks.training import offload
+
+    model = tiny_lora_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offload.offload_checkpointed_layers(model)
+    ids = torch.randint(0, 128, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    first_last = offload._LAST
+    model(input_ids=ids, labels=ids).loss.backward()
+    chain, saved = [], offload._LAST
+    while saved is not None:
+        chain.append(saved.index)
+        assert saved is not first_last and saved.host is None and saved.device_copy is None
+        saved = saved.previous
+    assert chain == [2, 1, 0]
