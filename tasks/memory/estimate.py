@@ -76,10 +76,11 @@ class ActivationCoefficients:
 
 
 ACTIVATIONS = {
-    # 16-bit base under the Trainer's autocast: each LoRA module casts its input to a
-    # 16-bit copy of its own for lora_A (no sharing).
+    # 16-bit base under the Trainer's autocast. peft's cast of each LoRA input to float32
+    # is off (tasks.training.speed.keep_adapter_inputs_16bit), so modules reading one
+    # tensor keep it once, as in fp32 mode; before, each kept a 16-bit copy of its own.
     "mixed16": ActivationCoefficients(base_d=14.5, base_f=6.0, per_target=2.0,
-                                      shared_inputs=False, dropout=4.0, eager=6.0),
+                                      shared_inputs=True, dropout=4.0, eager=6.0),
     # fp32 activations: a float32 base, or a k-bit base after peft's
     # prepare_model_for_kbit_training (it upcasts the unquantized weights, so the
     # residual stream is fp32 and the Trainer runs without autocast).

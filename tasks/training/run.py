@@ -180,6 +180,7 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     from tasks.training.modeling import inject_adapter, load_base_model
     from tasks.training.speed import (
         apply_liger,
+        keep_adapter_inputs_16bit,
         liger_in_layers,
         use_liger,
         use_torch_compile,
@@ -199,6 +200,7 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
                            profile.training.gradient_checkpointing and not sharded, sharded,
                            task=profile.model.task,
                            continue_from=continued.local_dir if continued else None)
+    keep_adapter_inputs_16bit(model)  # the same values, without a copy per LoRA layer
     if profile.training.fp8:
         use_fp8(model)
     return model, liger

@@ -216,3 +216,32 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def keep_adapter_inputs_16bit(model) -> int:
+    """Turn off peft's cast of each LoRA layer's input to the adapter weights' dtype.
+
+    peft keeps LoRA weights in float32 on a 16-bit base (autocast_adapter_dtype) and casts
+    every LoRA layer's input to float32 before lora_A; under the Trainer's bf16/fp16
+    autocast the matmul then casts it back to 16 bits, so each targeted module makes two
+    copies of its input and keeps one for the backward. With the cast off (peft's own
+    switch, `cast_input_dtype_enabled`, which peft.helpers.disable_input_dtype_casting
+    sets), autocast casts the small adapter weight instead: the same 16-bit values reach
+    the matmul, nothing is copied, and modules reading one tensor (q/k/v, gate/up) keep it
+    once. Only for a 16-bit base, which the Trainer runs under autocast (bf16/fp16).
+
+    Returns:
+        How many LoRA layers had the cast turned off.
+    """
+    import torch
+
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "cast_input_dtype_enabled") or not hasattr(module, "lora_A"):
+            continue
+        base = getattr(module, "base_layer", None)
+        weight = getattr(base, "weight", None)
+        if weight is not None and weight.dtype in (torch.bfloat16, torch.float16):
+            module.cast_input_dtype_enabled = False
+            count += 1
+    return count
