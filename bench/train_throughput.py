@@ -209,25 +209,46 @@ class StepProfiler:
         class Profile(TrainerCallback):
             prof = None
 
+            syncs: list = []
+
             def on_step_begin(self, args, state, control, **kwargs):
                 if profiler.case and state.global_step == 5 and self.prof is None:
+                    import traceback
+                    import warnings
+
                     import torch
 
+                    def show(message, category, filename, lineno, file=None, line=None):
+                        if "synchroniz" in str(message):
+                            self.syncs.append("".join(traceback.format_stack(limit=14)[:-2]))
+
+                    warnings.simplefilter("always")
+                    warnings.showwarning = show
+                    torch.cuda.set_sync_debug_mode("warn")  # a warning per synchronizing call
                     self.prof = torch.profiler.profile(activities=[
                         torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
                     self.prof.__enter__()
 
             def on_step_end(self, args, state, control, **kwargs):
                 if self.prof is not None and state.global_step == 6:
+                    import gzip
+
                     import torch
 
+                    torch.cuda.set_sync_debug_mode(0)
                     torch.cuda.synchronize()
                     self.prof.__exit__(None, None, None)
                     table = self.prof.key_averages().table(sort_by="cuda_time_total",
                                                            row_limit=45, max_name_column_width=90)
-                    path = Path(os.environ.get("BENCH_PROFILE_DIR", "/tmp")) / \
-                        f"profile-{profiler.case}.txt"
-                    path.write_text(table)
+                    where = Path(os.environ.get("BENCH_PROFILE_DIR", "/tmp"))
+                    (where / f"profile-{profiler.case}.txt").write_text(table)
+                    (where / f"syncs-{profiler.case}.txt").write_text(
+                        f"{len(self.syncs)} synchronizing calls\n\n" + "\n----\n".join(self.syncs))
+                    trace = where / f"trace-{profiler.case}.json"
+                    self.prof.export_chrome_trace(str(trace))
+                    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+                        dst.write(src.read())
+                    trace.unlink()
                     self.prof = None
                     profiler.case = None
 
@@ -452,7 +473,7 @@ def fixed_length(out: Path, shape_arg: str, only: list[str]) -> None:
     for name, per_device, fields in cases:
         if only and name not in only:
             continue
-        if os.environ.get("BENCH_PROFILE") in (name, f"{shape_arg}:{name}"):
+        if f"{shape_arg}:{name}" in os.environ.get("BENCH_PROFILE", "").split(","):
             PROFILER.case = f"{shape_arg}-{name}"
         try:
             r = run_loraflow(model_dir, dataset, "nf4" if quant else "none", per_device,

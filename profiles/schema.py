@@ -548,8 +548,8 @@ class TrainingSection(_Section):
         "auto", description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
         "linear cross-entropy; package liger-kernel, extra loraflow[fast]). loss: only the "
         "fused linear cross-entropy, the decoder layers left as they are (for "
-        "torch.compile to fuse). auto: on when installed and a CUDA GPU is present — only "
-        "the loss when the decoder layers are compiled (measured faster, docs/benchmarks.md).")
+        "torch.compile to fuse). auto: on when installed and a CUDA GPU is present; with "
+        "compiled decoder layers, SwiGLU is left to torch.compile (docs/benchmarks.md).")
     torch_compile: Union[Literal["auto"], bool] = Field(
         "auto", description="torch.compile each decoder layer (regional compilation, "
         "inductor): fuses the elementwise work around the matmuls, LoRA's among it, for "

@@ -115,6 +115,7 @@ def _run_offloaded():
         def forward(ctx, run, index, hidden_states, forced):
             ctx.run = run
             ctx.input_requires_grad = hidden_states.requires_grad
+            ctx.autocast = _autocast_state(hidden_states.device.type)
             ctx.cpu_rng = torch.get_rng_state()
             ctx.devices, ctx.device_rng = get_device_states(hidden_states)
             ctx.saved = _offload(hidden_states, index)
@@ -128,10 +129,12 @@ def _run_offloaded():
             if saved.previous is not None:  # the layer before runs its backward next
                 saved.previous.prefetch()
             hidden_states.requires_grad_(ctx.input_requires_grad)
+            # The forward's RNG (dropout masks) and autocast (the Trainer's bf16): the
+            # backward runs outside both.
             with torch.random.fork_rng(devices=ctx.devices, enabled=True):
                 torch.set_rng_state(ctx.cpu_rng)
                 set_device_states(ctx.devices, ctx.device_rng)
-                with torch.enable_grad():
+                with torch.enable_grad(), torch.autocast(**ctx.autocast):
                     outputs = ctx.run(hidden_states)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             pairs = [(o, g) for o, g in zip(outputs, grads)
@@ -144,6 +147,15 @@ def _run_offloaded():
 
 
 _FUNCTION = None
+
+
+def _autocast_state(device_type: str) -> dict:
+    """torch.autocast's arguments that re-enter the autocast state in force now."""
+    import torch
+
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type),
+            "cache_enabled": torch.is_autocast_cache_enabled()}
 
 
 def offloaded_checkpoint(index: int):

@@ -181,7 +181,7 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     from tasks.training.speed import (
         apply_liger,
         keep_adapter_inputs_16bit,
-        liger_in_layers,
+        liger_layer_kernels,
         use_liger,
         use_torch_compile,
     )
@@ -194,7 +194,7 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     liger = use_liger(profile, base.config.model_type) and not sharded
     if liger:
         compiled = use_torch_compile(profile, torch.cuda.is_available(), world().size)
-        apply_liger(base, layers=liger_in_layers(profile, compiled))
+        apply_liger(base, liger_layer_kernels(profile, compiled))
     continued = snapshot.adapter  # model.id is an adapter repo: train it on, not a fresh one
     model = inject_adapter(base, profile.lora, quant,
                            profile.training.gradient_checkpointing and not sharded, sharded,

@@ -124,21 +124,24 @@ def use_liger(profile: Profile, model_type: Optional[str] = None) -> bool:
 _PATCHED: list[tuple[object, dict]] = []
 
 
-def liger_in_layers(profile: Profile, compiled: bool) -> bool:
-    """Whether Liger's RMSNorm, RoPE and SwiGLU replace the decoder layers' own
-    (training.liger_kernel): "loss" → no, only the fused linear cross-entropy; true → yes;
-    auto → not when the layers are compiled: inductor fuses that elementwise work itself
-    and, seeing the whole layer, keeps SwiGLU's inputs instead of its product for the
-    backward (measured faster and lighter, docs/benchmarks.md)."""
+def liger_layer_kernels(profile: Profile, compiled: bool) -> dict[str, bool]:
+    """Which of Liger's decoder-layer kernels replace the model's own
+    (training.liger_kernel), as apply_liger's keywords: "loss" → none (only the fused
+    linear cross-entropy); true, or layers that run eager → RoPE, RMSNorm and SwiGLU;
+    auto with compiled layers → RoPE and RMSNorm, and SwiGLU left to inductor, which
+    sees it beside the down projection and keeps its two inputs for the backward rather
+    than its product as well (docs/benchmarks.md, issue #14)."""
     choice = profile.training.liger_kernel
-    return choice is True or (choice == "auto" and not compiled)
+    layers = choice is not False and choice != "loss"
+    swiglu = layers and (choice is True or not compiled)
+    return {"rope": layers, "rms_norm": layers, "swiglu": swiglu}
 
 
-def apply_liger(base, layers: bool = True) -> None:
+def apply_liger(base, kernels: Optional[dict[str, bool]] = None) -> None:
     """Make the causal-LM loss a fused linear cross-entropy (the vocabulary-sized logits
-    are never materialized) and, with `layers`, swap RMSNorm, RoPE and SwiGLU for Liger's
-    kernels — before the adapter is injected: the patched MLP still calls the
-    (LoRA-wrapped) projections, and lm_head is not an adapter target.
+    are never materialized) and swap the layer kernels `kernels` names (rope, rms_norm,
+    swiglu; None: all three) for Liger's — before the adapter is injected: the patched
+    MLP still calls the (LoRA-wrapped) projections, and lm_head is not an adapter target.
 
     Liger also replaces globals of the model's modeling module (the RoPE function, the
     norm and MLP classes), which would reach every later model of that type in this
@@ -151,8 +154,8 @@ def apply_liger(base, layers: bool = True) -> None:
 
     module = sys.modules[type(base).__module__]
     _PATCHED.append((module, dict(vars(module))))
-    _apply_liger_kernel_to_instance(model=base, rope=layers, rms_norm=layers, swiglu=layers,
-                                    fused_linear_cross_entropy=True)
+    kernels = kernels or {"rope": True, "rms_norm": True, "swiglu": True}
+    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=True, **kernels)
 
 
 def undo_module_patches() -> int:

@@ -24,10 +24,37 @@ def tiny_lora_llama(seed: int = 0):
     return model
 
 
-def lora_grads(model, ids) -> dict:
+def lora_grads(model, ids, autocast: bool = False) -> dict:
     torch.manual_seed(123)  # the dropout masks
-    model(input_ids=ids, labels=ids).loss.backward()
+    # The Trainer runs the forward under autocast and the backward outside it.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_recomputation_runs_under_the_forward_s_autocast():
+    """A bf16 base whose LoRA layers take their 16-bit input as it is (the Trainer's
+    autocast casts the float32 adapter weights): the recomputation in the backward, which
+    runs outside the forward's autocast, must enter it again or the matmuls mix dtypes."""
+    from tasks.training.offload import offload_checkpointed_layers
+    from tasks.training.speed import keep_adapter_inputs_16bit
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for offload in (False, True):
+        model = tiny_lora_llama().to(torch.bfloat16)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()   # peft's float32 adapter on a 16-bit base
+        keep_adapter_inputs_16bit(model)
+        if offload:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert offload_checkpointed_layers(model) == 3
+        grads.append(lora_grads(model, ids, autocast=True))
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
 def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing():
