@@ -56,6 +56,10 @@ CASES = {
                      ("bs8-compile", 8, {**FAST, **COMPILE}),
                      ("bs8-compile-liger-layers", 8, {**FAST, **COMPILE, **LAYERS}),
                      ("bs8-compile-fp8", 8, {**FAST, **COMPILE, **FP8}),
+                     ("bs8-compile-b0.6", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.6}),
+                     ("bs8-compile-b0.3", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.3}),
+                     ("bs8-compile-fp8-b0.6", 8, {**FAST, **COMPILE, **FP8,
+                                                  "activation_memory_budget": 0.6}),
                      ("bs8-no-liger", 8, {"liger_kernel": False, "torch_compile": False}),
                      ("bs8-no-liger-compile", 8, {"liger_kernel": False, **COMPILE})]),
     "llama-8b": (4, [("bs2x2", 2, {**FAST})] + [
@@ -72,6 +76,8 @@ CASES = {
         ("cap31.3-compile", 4, {**FAST, **COMPILE, "memory_cap_gib": 31.3}),
         ("bs2x2-compile-liger-layers", 2, {**FAST, **COMPILE, **LAYERS}),
         ("bs2x2-compile-fp8", 2, {**FAST, **COMPILE, **FP8}),
+        ("bs2x2-compile-b0.6", 2, {**FAST, **COMPILE, "activation_memory_budget": 0.6}),
+        ("bs2x2-compile-fp8-b0.6", 2, {**FAST, **COMPILE, **FP8, "activation_memory_budget": 0.6}),
         ("bs4-offload", 4, {**FAST, **OFFLOAD}),
         ("bs4-offload-compile", 4, {**FAST, **OFFLOAD, **COMPILE}),
         ("bs4-offload28-compile", 4, {**FAST, **OFFLOAD, **COMPILE, "checkpoint_layers": 28}),
@@ -83,7 +89,8 @@ CASES = {
         ("bs4-ckpt-all-adamw_8bit", 4, {**FAST, **CKPT, "optimizer": "adamw_8bit"}),
         ("cap20", 4, {**FAST, "memory_cap_gib": 20}),
         ("bs4-offload", 4, {**FAST, **OFFLOAD}),
-        ("bs4-offload-compile", 4, {**FAST, **OFFLOAD, **COMPILE})]),
+        ("bs4-offload-compile", 4, {**FAST, **OFFLOAD, **COMPILE}),
+        ("bs4-offload-compile-liger", 4, {**FAST, **OFFLOAD, **COMPILE, **LAYERS})]),
 }
 
 

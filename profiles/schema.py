@@ -512,7 +512,7 @@ class TrainingSection(_Section):
     """The training loop (transformers.TrainingArguments)."""
 
     form_advanced = ("weight_decay", "max_grad_norm", "checkpoint_layers", "memory_cap_gib",
-                     "liger_kernel", "torch_compile", "offload_activations", "fp8", "optimizer", "save_total_limit", "seed",
+                     "liger_kernel", "torch_compile", "activation_memory_budget", "offload_activations", "fp8", "optimizer", "save_total_limit", "seed",
                      "launcher", "nproc_per_node", "global_batch_size", "data_parallel")
 
     learning_rate: float = Field(2e-4, gt=0, description="TrainingArguments.learning_rate.")
@@ -548,8 +548,9 @@ class TrainingSection(_Section):
         "auto", description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
         "linear cross-entropy; package liger-kernel, extra loraflow[fast]). loss: only the "
         "fused linear cross-entropy, the decoder layers left as they are (for "
-        "torch.compile to fuse). auto: on when installed and a CUDA GPU is present; with "
-        "compiled decoder layers, SwiGLU is left to torch.compile (docs/benchmarks.md).")
+        "torch.compile to fuse). auto: on when installed and a CUDA GPU is present; only "
+        "the loss when the decoder layers are compiled (measured faster: Liger's layer "
+        "kernels break the compiled graph; docs/benchmarks.md).")
     torch_compile: Union[Literal["auto"], bool] = Field(
         "auto", description="torch.compile each decoder layer (regional compilation, "
         "inductor): fuses the elementwise work around the matmuls, LoRA's among it, for "
@@ -557,6 +558,12 @@ class TrainingSection(_Section):
         "shape. auto: on with training.packing (fixed row length) for a causal-lm without "
         "quantization trained by one process on a CUDA GPU; off for padded batches, whose "
         "length changes, and on a 4-bit base, where it measured no faster.")
+    activation_memory_budget: float = Field(
+        1.0, gt=0, le=1.0, description="With compiled layers (torch_compile): the fraction "
+        "of the activations torch.compile's default would keep for the backward that it may "
+        "keep (torch._functorch.config.activation_memory_budget); below 1 the cheapest "
+        "ones (elementwise results: SwiGLU's product, norms, casts) are recomputed in the "
+        "backward instead — less memory for a little time.")
     offload_activations: bool = Field(
         False, description="With gradient_checkpointing: each checkpointed layer's input "
         "(batch × sequence × hidden, 16-bit) waits for the backward in pinned CPU memory "

@@ -268,6 +268,7 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     from tasks.training.speed import (
         compile_decoder_layers,
         partial_checkpointing_callback,
+        set_activation_memory_budget,
         use_torch_compile,
     )
 
@@ -297,6 +298,9 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         eval_steps=t.eval_steps,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # The filter reads every step's loss on the host (a GPU sync per micro-batch) to
+        # leave NaN/inf out of the logged mean; a NaN loss had better show in the log.
+        logging_nan_inf_filter=False,
         seed=t.seed,
         data_seed=t.seed,
         bf16=dtype == torch.bfloat16,
@@ -313,6 +317,7 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         **distributed_arguments(profile, model),
     )
     if use_torch_compile(profile, torch.cuda.is_available(), world().size):
+        set_activation_memory_budget(t.activation_memory_budget)
         compile_decoder_layers(model)
     collator = data_collator(profile.model.task, tokenizer, model)  # labels padded with -100
     if t.packing:

@@ -127,14 +127,14 @@ _PATCHED: list[tuple[object, dict]] = []
 def liger_layer_kernels(profile: Profile, compiled: bool) -> dict[str, bool]:
     """Which of Liger's decoder-layer kernels replace the model's own
     (training.liger_kernel), as apply_liger's keywords: "loss" → none (only the fused
-    linear cross-entropy); true, or layers that run eager → RoPE, RMSNorm and SwiGLU;
-    auto with compiled layers → RoPE and RMSNorm, and SwiGLU left to inductor, which
-    sees it beside the down projection and keeps its two inputs for the backward rather
-    than its product as well (docs/benchmarks.md, issue #14)."""
+    linear cross-entropy); true → RoPE, RMSNorm and SwiGLU; auto → all three where the
+    layers run eager, none where they are compiled: each Liger kernel breaks the layer's
+    graph, and the pieces' launch overhead left the GPU idle between them (8B, 2 × 2:
+    14,003 tok/s with inductor's own kernels against 12,631 with Liger's;
+    docs/benchmarks.md, issue #14)."""
     choice = profile.training.liger_kernel
-    layers = choice is not False and choice != "loss"
-    swiglu = layers and (choice is True or not compiled)
-    return {"rope": layers, "rms_norm": layers, "swiglu": swiglu}
+    layers = choice is True or (choice == "auto" and not compiled)
+    return {"rope": layers, "rms_norm": layers, "swiglu": layers}
 
 
 def apply_liger(base, kernels: Optional[dict[str, bool]] = None) -> None:
@@ -205,6 +205,17 @@ def partial_checkpointing_callback(count: int):
             checkpoint_only_first_layers(model, count)
 
     return PartialCheckpointing()
+
+
+def set_activation_memory_budget(budget: float) -> None:
+    """torch._functorch.config.activation_memory_budget for the graphs compiled from now
+    on (training.activation_memory_budget): AOTAutograd's partitioner keeps at most this
+    fraction of the activations its default would keep and recomputes the rest in the
+    backward, the cheapest first (elementwise work such as SwiGLU's product, norms and
+    casts). 1.0 is torch's default."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = budget
 
 
 def compile_decoder_layers(model) -> int:
