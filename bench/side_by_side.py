@@ -38,17 +38,21 @@ BUDGET_S = float(os.environ.get("SIDE_BUDGET_S", "500"))
 START = time.time()
 
 # (row id, train_throughput.py arguments) — loraflow's configuration per row, as in the issue.
+# Each shape's process runs the plain baseline of its shape first unless
+# BENCH_NO_BASELINE is set for it (the 1B baseline alone shows the two calls shared a GPU).
 LORAFLOW = [
-    ("1b-bf16", ["llama-1b", "bs8-compile"]),
-    ("8b-bf16", ["llama-8b", "bs4-ckpt24-compile", "bs2x2-compile"]),
-    ("8b-nf4", ["llama-8b-nf4", "bs4-ckpt-all"]),
-    ("varlen", ["varlen", "packed-32-compile"]),
+    ("1b-bf16", ["llama-1b", "bs8-compile-b0.5", "bs8-compile-fp8-b0.5"], {}),
+    ("8b-bf16", ["llama-8b", "bs2x2-compile-b0.6", "bs2x2-compile-fp8-b0.6",
+                 "bs4-offload-compile-b0.6"], {"BENCH_NO_BASELINE": "1"}),
+    ("8b-nf4", ["llama-8b-nf4", "bs4-offload-compile-b0.6"], {"BENCH_NO_BASELINE": "1"}),
+    ("varlen", ["varlen", "packed-32-compile"], {"BENCH_NO_BASELINE": "1"}),
+    ("learn", ["learn"], {}),
 ]
-# The plain baseline's cases (bench/baseline_peft.py tags), run in both calls.
-BASELINE = ["llama-1b-b-nock-nolig", "llama-8b-b-ck-nolig", "llama-8b-q-ck-nolig"]
+# The plain baseline's cases (bench/baseline_peft.py tags), run in the peer call.
+BASELINE = ["llama-1b-b-nock-nolig"]
 # Unsloth's cases per process (bench/peer_unsloth.py CASE syntax).
 PEER = [
-    ("1b", ["llama-1b:bf16:8:false", "varlen:bf16:32:false", "varlen:bf16:8:false"]),
+    ("1b", ["llama-1b:bf16:8:false", "varlen:bf16:32:false"]),
     ("8b", ["llama-8b:bf16:4:unsloth", "llama-8b:bf16:2:false:2", "llama-8b:nf4:4:unsloth"]),
 ]
 ROWS = ["1B bf16, global 8", "8B bf16 memory-lean, global 4", "8B bf16 fastest, 2 × 2",
@@ -123,7 +127,8 @@ def record(out: Path, side: str, rows: list[dict]) -> None:
             print(json.dumps({"side": tag, **{k: r.get(k) for k in (
                 "shape", "case", "path", "bs", "accum", "tokens_per_s", "mfu", "peak_mem_gib",
                 "grad_norm", "trainable", "ckpt_layers", "ckpt_layers_recomputed", "offload",
-                "trains", "error") if k in r}}), flush=True)
+                "trains", "error", "variant", "mean_rel_loss_diff", "final_loss_ratio")
+                if k in r}}), flush=True)
 
 
 def baseline(out: Path, pythonpath: str) -> None:
@@ -138,12 +143,12 @@ def call_loraflow(out: Path) -> None:
     env = {"PYTHONPATH": path, "PREFECT_HOME": "/tmp/prefect", "PYTHONUNBUFFERED": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     machine(out, path, ["liger_kernel"])
-    for name, args in LORAFLOW:
+    for name, args, extra in LORAFLOW:
         if left() < 30:
             print(f"# {name}: skipped, budget spent", flush=True)
             continue
         rows = sh(f"python3 bench/train_throughput.py /tmp/tt-{name} {' '.join(args)}", out,
-                  f"loraflow-{name}", env)
+                  f"loraflow-{name}", {**env, **extra})
         # train_throughput runs the baseline of the same shape first, in the same process.
         record(out, "loraflow", rows)
 
@@ -160,6 +165,26 @@ def call_peer(out: Path) -> None:
             continue
         rows = sh(f"python3 bench/peer_unsloth.py {' '.join(cases)}", out, f"peer-{name}", env)
         record(out, "unsloth", rows)
+
+
+def learn_lines(rows: list[dict]) -> list[str]:
+    """The learnable check (train_throughput.py `learn`), one line per fast-path variant."""
+    lines = []
+    for r in rows:
+        if r.get("path") != "learn":
+            continue
+        if "error" in r:
+            lines.append(f"- learn `{r['variant']}`: error {r['error'][:120]}")
+            continue
+        met = (r["mean_rel_loss_diff"] is not None and r["mean_rel_loss_diff"] <= 0.02
+               and r["final_loss_ratio"] <= 1.5)
+        lines.append(f"- learn `{r['variant']}` ({r['steps']} steps, lr {r['lr']}): mean "
+                     f"relative loss difference {r['mean_rel_loss_diff']} over the "
+                     f"{r['steps_above_0.1']} steps where the baseline's loss > 0.1, final "
+                     f"loss {r['loss_first_last'][3]} vs the baseline's "
+                     f"{r['loss_first_last'][1]} (× {r['final_loss_ratio']}), same LoRA init: "
+                     f"{r['same_lora_init']} — {'**met**' if met else 'not met'}")
+    return lines
 
 
 def row_key(r: dict) -> str:
@@ -209,7 +234,8 @@ def load_rows(dirs: list[Path]) -> list[dict]:
 
 def table(dirs: list[Path]) -> str:
     """Every row's fields, then loraflow's best case per row against Unsloth's."""
-    rows = load_rows(dirs)
+    everything = load_rows(dirs)
+    rows = [r for r in everything if r.get("path") != "learn"]
     lines = ["| row | call | side | case | tok/s | MFU | peak GiB | grad norm (one step) | "
              "trainable | checkpointed layers | offload | trains |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -235,8 +261,10 @@ def table(dirs: list[Path]) -> str:
             lines.append(f"| {key} | {'–' if not ours else ''} | {'–' if not peer else ''} "
                          "| not measured | | |")
             continue
-        a = max(ours, key=lambda r: r["tokens_per_s"])
         b = max(peer, key=lambda r: r["tokens_per_s"])
+        # loraflow's fastest case within Unsloth's memory where one is, else its fastest.
+        within = [r for r in ours if key == ROWS[4] or r["peak_mem_gib"] <= b["peak_mem_gib"]]
+        a = max(within or ours, key=lambda r: r["tokens_per_s"])
         ratio = a["tokens_per_s"] / b["tokens_per_s"]
         # The issue's targets: fixed length ≥ 1.05× at ≤ Unsloth's memory; variable length
         # ≥ Unsloth's best path in non-padding tokens/s (no memory condition).
@@ -245,7 +273,7 @@ def table(dirs: list[Path]) -> str:
         lines.append(f"| {key} | {describe(a)} {a['tokens_per_s']:,} | {describe(b)} "
                      f"{b['tokens_per_s']:,} | {ratio:.2f}× | {a['peak_mem_gib']} / "
                      f"{b['peak_mem_gib']} | {'**met**' if met else 'not met'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + learn_lines(everything))
 
 
 def main() -> None:

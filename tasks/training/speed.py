@@ -212,10 +212,17 @@ def set_activation_memory_budget(budget: float) -> None:
     on (training.activation_memory_budget): AOTAutograd's partitioner keeps at most this
     fraction of the activations its default would keep and recomputes the rest in the
     backward, the cheapest first (elementwise work such as SwiGLU's product, norms and
-    casts). 1.0 is torch's default."""
+    casts). 1.0 is torch's default.
+
+    The setting is read when a graph compiles, and dynamo reuses a layer graph compiled
+    earlier in the process when its guards pass (another model of the same type and
+    shapes): a changed budget resets dynamo's caches so that the layers compile anew."""
+    import torch._dynamo
     import torch._functorch.config as functorch_config
 
-    functorch_config.activation_memory_budget = budget
+    if functorch_config.activation_memory_budget != budget:
+        torch._dynamo.reset()
+        functorch_config.activation_memory_budget = budget
 
 
 def compile_decoder_layers(model) -> int:

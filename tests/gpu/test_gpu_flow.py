@@ -1,6 +1,7 @@
-"""On a CUDA GPU: the llama-3.2-1b-lora preset through the whole flow (preflight with the
-real nvidia-smi and memory estimate, download, dataset, train, publish, verify) against
-localhub, with random weights of Llama-3.2-1B's shape seeded as a model repo."""
+"""On a CUDA GPU: the llama-3.2-1b-lora and llama-3.1-8b-qlora presets through the whole
+flow (preflight with the real nvidia-smi and memory estimate, download, dataset, train,
+samples, publish, verify) against localhub, with random weights of Llama-3.2-1B's shape
+seeded as a model repo."""
 from __future__ import annotations
 
 import pytest
@@ -37,15 +38,25 @@ def seed_model_repo(root, checkpoint) -> str:
     return store.resolve(store.get_repo("model", REPO), "main")
 
 
-def test_llama_1b_preset_through_the_whole_flow(hub, as_user, checkpoints):
+@pytest.mark.parametrize("preset, target, expected", [
+    ("llama-3.2-1b-lora", TARGET, {"quantization": "none", "checkpointing": False}),
+    # The 8B preset's settings (nf4 + double quant, checkpointing, its batch) on the 1B
+    # shape: an 8B checkpoint would put three 16 GB copies (saved, localhub, download) on
+    # the GPU machine's 64 GB disk.
+    ("llama-3.1-8b-qlora", "loraflow-demo/llama-3.1-8b-qlora-gpu-test",
+     {"quantization": "nf4", "checkpointing": True}),
+])
+def test_preset_through_the_whole_flow(hub, as_user, checkpoints, preset, target, expected):
     commit = seed_model_repo(hub.root, checkpoints("1b"))
-    profile = load_profile("llama-3.2-1b-lora", [
-        f"model.id={REPO}", "data.dataset=tinylabs/tiny-instruct", f"publish.repo_id={TARGET}",
+    profile = load_profile(preset, [
+        f"model.id={REPO}", "data.dataset=tinylabs/tiny-instruct", f"publish.repo_id={target}",
         "training.max_steps=20", "training.eval_steps=10", "training.save_steps=10",
         "training.learning_rate=1e-3"])
+    assert profile.quantization.mode == expected["quantization"]
+    assert profile.training.gradient_checkpointing is expected["checkpointing"]
     with as_user("demo"):
-        report = run_profile("llama-3.2-1b-lora", profile)
-    record("flow_llama_1b", status=report["status"], error=report["error"],
+        report = run_profile(preset, profile)
+    record(f"flow_{preset}", status=report["status"], error=report["error"],
            steps=report["steps"], metrics=report["metrics"], hub=report["hub"],
            adapter=report["adapter"])
     assert report["status"] == "completed", report["error"]
