@@ -207,3 +207,19 @@ def test_a_memory_cap_trains_with_the_batch_preflight_chose(as_user):
     state = json.loads((run_dir / "checkpoints" / "checkpoint-10" / "trainer_state.json")
                        .read_text())
     assert state["train_batch_size"] == 4
+
+
+def test_offloaded_checkpointing_trains_through_the_flow(as_user):
+    """training.offload_activations with partial checkpointing: the checkpointed layer
+    keeps its input outside the autograd graph and recomputes in the backward, the other
+    runs as usual, and the adapter learns (run_train fails a run whose LoRA tensors did
+    not move)."""
+    report = _run(as_user, overrides=["training.gradient_checkpointing=true",
+                                      "training.checkpoint_layers=1",
+                                      "training.offload_activations=true",
+                                      "training.max_steps=10", "training.save_steps=5",
+                                      "publish.when=on_approval"])
+    assert report["status"] == "completed", report["error"]
+    record = json.loads((Path(report["adapter"]["path"]).parent / "record.json").read_text())
+    assert record["speed"]["offloaded_layers"] == 1
+    assert report["metrics"]["last_loss"] < report["metrics"]["first_loss"], report["metrics"]
