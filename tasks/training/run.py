@@ -163,6 +163,8 @@ def setup(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetManifest
     model, liger = setup_model(profile, snapshot, dataset)
     init_peft, initial = initial_adapter(profile, model, run_dir)
     trainable, total = model.get_nb_trainable_parameters()
+    if profile.training.fp8:  # after counting: the FP8 weights are buffers, not parameters
+        use_fp8(model)
     trainer, eval_ds = build_trainer(profile, model, tokenizer, dataset, run_dir)
     return TrainingRun(profile, tokenizer, base_padding_side, model, liger, init_peft,
                        initial, trainable, total, trainer, eval_ds)
@@ -201,8 +203,6 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
                            task=profile.model.task,
                            continue_from=continued.local_dir if continued else None)
     keep_adapter_inputs_16bit(model)  # the same values, without a copy per LoRA layer
-    if profile.training.fp8:
-        use_fp8(model)
     return model, liger
 
 
