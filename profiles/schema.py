@@ -555,9 +555,9 @@ class TrainingSection(_Section):
         "auto", description="torch.compile each decoder layer (regional compilation, "
         "inductor): fuses the elementwise work around the matmuls, LoRA's among it, for "
         "the price of compiling one layer at the first step and again for every new batch "
-        "shape. auto: on with training.packing (fixed row length) for a causal-lm without "
-        "quantization trained by one process on a CUDA GPU; off for padded batches, whose "
-        "length changes, and on a 4-bit base, where it measured no faster.")
+        "shape. auto: on with training.packing (fixed row length) for a causal-lm (16-bit "
+        "or 4-bit) trained by one process on a CUDA GPU; off for padded batches, whose "
+        "length changes.")
     activation_memory_budget: float = Field(
         1.0, gt=0, le=1.0, description="With compiled layers (torch_compile): the fraction "
         "of the activations torch.compile's default would keep for the backward that it may "

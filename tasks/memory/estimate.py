@@ -32,6 +32,7 @@ from tasks.memory.tensors import (
     targeted,
 )
 from tasks.training.adapters import adapter_param_count
+from tasks.training.speed import use_torch_compile
 
 # ---------------------------------------------------------------------------- constants
 # Fixed before any GPU measurement of this estimate (docs/benchmarks.md).
@@ -238,6 +239,11 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     # GPU at once (the one being recomputed and the one prefetched, tasks.training.offload).
     kept_inputs = min(checkpointed, OFFLOADED_INPUTS_ON_GPU) if t.offload_activations \
         else checkpointed
+    # Compiled layers keep about training.activation_memory_budget of what eager ones do
+    # (the partitioner recomputes the rest; measured 0.58–0.63 at budgets 0.5–0.6, 8B and
+    # 1B, docs/benchmarks.md).
+    if use_torch_compile(profile, on_gpu, processes=1):
+        per_layer *= t.activation_memory_budget
     activations = tokens * (kept_inputs * act_elem * d + (layers - checkpointed) * per_layer
                             + (per_layer if checkpointed else 0))
     # The loss is over the vocabulary per token for the language-model tasks; a

@@ -164,22 +164,28 @@ def fit_to_cap(profile: Profile, tensors: TensorSpecs, config: dict, on_gpu: boo
     batches = [b for b in range(total, 0, -1) if total % b == 0]
     layers = estimate_training_memory(profile, tensors, config, on_gpu, bf16_ok).layers
     tokens = total * profile.data.max_length
-    fitting = []  # (cost, fields) of the fewest checkpointed layers that fit, per batch
-    for batch in batches:
-        for count in range(layers + 1):
-            fields = {"per_device_batch_size": batch, "gradient_checkpointing": count > 0,
-                      "checkpoint_layers": count if 0 < count < layers else None}
-            if t.global_batch_size is None:
-                fields["gradient_accumulation_steps"] = total // batch
-            trial = _variant(profile, training=fields)
-            if estimate_training_memory(trial, tensors, config, on_gpu, bf16_ok,
-                                        fused_loss).peak_bytes <= cap:
-                fitting.append((step_cost(tokens, total // batch, count, layers), fields))
-                break
-    if fitting:
-        return min(fitting, key=lambda found: found[0])[1]
+    # Offloaded checkpointing (tasks.training.offload) only when nothing fits without it:
+    # it costs copies; one process on a GPU.
+    for offload in (False, True) if on_gpu and processes == 1 else (False,):
+        fitting = []  # (cost, fields) of the fewest checkpointed layers that fit, per batch
+        for batch in batches:
+            for count in range(1 if offload else 0, layers + 1):
+                fields = {"per_device_batch_size": batch, "gradient_checkpointing": count > 0,
+                          "checkpoint_layers": count if 0 < count < layers else None}
+                if t.global_batch_size is None:
+                    fields["gradient_accumulation_steps"] = total // batch
+                if offload:
+                    fields["offload_activations"] = True
+                trial = _variant(profile, training=fields)
+                if estimate_training_memory(trial, tensors, config, on_gpu, bf16_ok,
+                                            fused_loss).peak_bytes <= cap:
+                    fitting.append((step_cost(tokens, total // batch, count, layers), fields))
+                    break
+        if fitting:
+            return min(fitting, key=lambda found: found[0])[1]
     raise InsufficientMemoryError(
         f"training.memory_cap_gib: even one example per step with every layer checkpointed "
+        f"{'and its input offloaded to CPU memory ' if on_gpu and processes == 1 else ''}"
         f"needs more than {t.memory_cap_gib} GiB. Fix: raise the cap, quantize "
         "(quantization.mode nf4) or shorten data.max_length.")
 

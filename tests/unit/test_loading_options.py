@@ -175,7 +175,8 @@ def test_torch_compile_auto_is_on_only_where_it_measured_faster():
     assert not compiles([])                              # padded: recompiles per length
     assert not compiles(["training.packing=true"], cuda=False)
     assert not compiles(["training.packing=true"], processes=2)
-    assert not compiles(["training.packing=true", "quantization.mode=nf4",
-                         "quantization.compute_dtype=float32"])
+    assert compiles(["training.packing=true", "quantization.mode=nf4",   # 4-bit too (#14)
+                     "quantization.compute_dtype=float32"])
+    assert not compiles(["quantization.mode=nf4", "quantization.compute_dtype=float32"])
     assert compiles(["training.torch_compile=true"], cuda=False)
     assert not compiles(["training.packing=true", "training.torch_compile=false"])

@@ -316,6 +316,29 @@ def test_a_memory_cap_picks_the_fastest_batch_and_checkpointing_that_fit():
     assert choose(44) == roomy and choose(44, fused_loss=False) != roomy
     with pytest.raises(InsufficientMemoryError, match="training.memory_cap_gib"):
         choose(5)
+    # Below what every layer checkpointed needs (about 19 GiB with bf16 weights of 15 GiB),
+    # the plan keeps the layer inputs in CPU memory (offloaded checkpointing) — and only then.
+    all_checkpointed = peak({"per_device_batch_size": 1, "gradient_checkpointing": True})
+    assert "offload_activations" not in tight
+    offloaded = choose(all_checkpointed - 0.05)
+    assert offloaded["offload_activations"] is True and offloaded["gradient_checkpointing"]
+    assert peak(offloaded) <= all_checkpointed - 0.05
+
+
+def test_compiled_layers_keep_the_activation_budget_s_share():
+    """training.activation_memory_budget: compiled layers (packing, a GPU) keep about that
+    fraction of the activations; eager ones are not affected."""
+    tensors, cfg = llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B
+    base = ["training.packing=true", "training.torch_compile=true", "lora.dropout=0"]
+
+    def activations(*sets, on_gpu=True):
+        return estimate_training_memory(load_profile("llama-3.2-1b-lora", base + list(sets)),
+                                        tensors, cfg, on_gpu=on_gpu).activation_bytes
+
+    full = activations()
+    assert activations("training.activation_memory_budget=0.5") == pytest.approx(full / 2)
+    assert activations("training.activation_memory_budget=0.5", "training.torch_compile=false") \
+        == activations("training.torch_compile=false") == full
 
 
 # openai-community/gpt2's config.json (the fields the estimate reads) and its header:
