@@ -182,6 +182,11 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
             f"{'none is visible here' if on_cpu else 'the package is not installed'}). Fix: "
             "pip install 'loraflow[fast]' on a GPU machine, or set it to auto (on where it "
             "can run) or false.")
+    if t.fp8 and on_cpu:
+        raise errors.ProfileError(
+            "training.fp8: FP8 matmuls run on a GPU's FP8 tensor cores (compute capability "
+            "8.9 or newer: Ada, Hopper, Blackwell), and no CUDA GPU is visible here. Fix: set "
+            "training.fp8 to false, or train on such a GPU.")
     from tasks.training.speed import adapts_output_head
 
     if t.liger_kernel is True and profile.model.task == "causal-lm" \

@@ -154,6 +154,12 @@ def test_flex_attention_is_refused_for_cpu_training(monkeypatch):
     _check(["model.attn_implementation=flex_attention"], GPU, monkeypatch=monkeypatch)
 
 
+def test_fp8_is_refused_before_download_without_a_gpu(monkeypatch):
+    with pytest.raises(ProfileError, match="training.fp8.*no CUDA GPU is visible.*Fix"):
+        _check(["training.fp8=true"], [], monkeypatch=monkeypatch)
+    _check(["training.fp8=true"], GPU, monkeypatch=monkeypatch)
+
+
 def test_liger_kernel_true_needs_the_package_and_a_gpu(monkeypatch):
     with pytest.raises(ProfileError, match="training.liger_kernel.*not installed"):
         _check(["training.liger_kernel=true"], GPU, monkeypatch=monkeypatch)
