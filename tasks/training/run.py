@@ -133,7 +133,7 @@ class TrainingRun:
     tokenizer: Any  # as training uses it (pad token, data.padding_side)
     base_padding_side: str  # the base tokenizer's, saved with the adapter
     model: Any  # the PeftModel
-    liger: bool  # Liger kernels applied to the base
+    liger: list  # the Liger kernels applied to the base ([]: none)
     init_peft: Optional[Path]  # pissa / olora: the adapter as initialised
     initial: dict  # adapter tensor name → its value before training (CPU)
     trainable: int  # parameter counts
@@ -175,7 +175,7 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     adapter repo).
 
     Returns:
-        (the PeftModel, whether Liger kernels were applied).
+        (the PeftModel, the names of the Liger kernels applied: [] for none).
     """
     import torch
 
@@ -193,10 +193,12 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     base = load_base_model(model_section, quant, snapshot.local_dir, labels=dataset.labels)
     # Liger's fused cross-entropy multiplies by the whole lm_head weight, which FSDP holds
     # sharded: FSDP runs without Liger.
-    liger = use_liger(profile, base.config.model_type) and not sharded
-    if liger:
+    liger = []
+    if use_liger(profile, base.config.model_type) and not sharded:
         compiled = use_torch_compile(profile, torch.cuda.is_available(), world().size)
-        apply_liger(base, liger_layer_kernels(profile, compiled))
+        kernels = liger_layer_kernels(profile, compiled)
+        apply_liger(base, kernels)
+        liger = ["fused_linear_cross_entropy"] + [k for k, on in kernels.items() if on]
     continued = snapshot.adapter  # model.id is an adapter repo: train it on, not a fresh one
     model = inject_adapter(base, profile.lora, quant,
                            profile.training.gradient_checkpointing and not sharded, sharded,
@@ -600,7 +602,7 @@ def speed_entry(run: TrainingRun) -> dict:
     from tasks.training.offload import offloading_layers
 
     modules = list(run.model.modules())
-    return {"liger_kernel": run.liger,
+    return {"liger_kernel": bool(run.liger), "liger_kernels": run.liger,
             "torch_compile": any(getattr(m, "_compiled_call_impl", None) is not None
                                  for m in modules),
             "offloaded_layers": offloading_layers(run.model),
