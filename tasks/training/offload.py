@@ -166,8 +166,12 @@ def offloaded_checkpoint(index: int):
 
     Layer inputs other than the hidden states (rotary embeddings, masks) are kept as
     they are: they are shared by every layer. Falls back to torch.utils.checkpoint
-    (non-reentrant) when another input needs a gradient or the layer returns something
-    other than tensors, which the offloaded path does not propagate.
+    (non-reentrant) when another input needs a gradient (the offloaded path returns one
+    for the hidden states only), and inside a region torch.compile traces: transformers
+    from 5.2x checkpoints within the layer's forward, so with compiled layers the call
+    comes from compiled code, where the copies and the RNG bookkeeping cannot be traced
+    and a recomputation outside it would draw other dropout masks. The function's
+    `offloaded` attribute says whether the offloaded path ran.
     """
     import torch
 
@@ -180,7 +184,8 @@ def offloaded_checkpoint(index: int):
         others += [v for v in keywords.values() if torch.is_tensor(v)]
         others += [t for v in keywords.values() if isinstance(v, tuple)
                    for t in v if torch.is_tensor(t)]
-        if any(t.requires_grad for t in others) or not torch.is_tensor(hidden_states):
+        if torch.compiler.is_compiling() or any(t.requires_grad for t in others) \
+                or not torch.is_tensor(hidden_states):
             return torch.utils.checkpoint.checkpoint(run, hidden_states, *args,
                                                      use_reentrant=False)
         forced = torch.empty(0, device=hidden_states.device, requires_grad=True)
@@ -188,19 +193,22 @@ def offloaded_checkpoint(index: int):
         def call(x):
             return run(x, *args)
 
+        checkpoint.offloaded = True
         return _FUNCTION.apply(call, index, hidden_states, forced)
 
-    checkpoint.offloads = True
+    checkpoint.offloaded = False
     return checkpoint
 
 
 def offloading_layers(model) -> int:
-    """How many decoder layers of `model` checkpoint through offloaded_checkpoint."""
+    """How many decoder layers of `model` ran their checkpointing through
+    offloaded_checkpoint's offloaded path."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
                and m.gradient_checkpointing
-               and getattr(getattr(m, "_gradient_checkpointing_func", None), "offloads", False))
+               and getattr(getattr(m, "_gradient_checkpointing_func", None), "offloaded",
+                           False))
 
 
 def offload_checkpointed_layers(model) -> int:
