@@ -41,12 +41,12 @@ START = time.time()
 # Each shape's process runs the plain baseline of its shape first unless
 # BENCH_NO_BASELINE is set for it (the 1B baseline alone shows the two calls shared a GPU).
 LORAFLOW = [
-    ("1b-bf16", ["llama-1b", "bs8-compile-b0.5", "bs8-compile-fp8-b0.5"], {}),
-    ("8b-bf16", ["llama-8b", "bs2x2-compile-fp8-b0.6", "bs4-offload-compile-b0.6",
-                 "bs4-offload-compile-fp8-b0.6"], {"BENCH_NO_BASELINE": "1"}),
-    ("8b-nf4", ["llama-8b-nf4", "bs4-offload-compile-b0.6"], {"BENCH_NO_BASELINE": "1"}),
+    ("1b-bf16", ["llama-1b", "bs8-compile", "bs8-compile-b0.7", "bs8-compile-b0.8"], {}),
+    ("8b-bf16", ["llama-8b", "bs2x2-compile-b0.6", "bs4-offload-compile"],
+     {"BENCH_NO_BASELINE": "1"}),
+    ("8b-nf4", ["llama-8b-nf4", "bs4-offload-compile"], {"BENCH_NO_BASELINE": "1"}),
     ("varlen", ["varlen", "packed-32-compile"], {"BENCH_NO_BASELINE": "1"}),
-    ("learn", ["learn"], {}),
+    ("learn", ["learn"], {"LEARN": "fast"}),
 ]
 # The plain baseline's cases (bench/baseline_peft.py tags), run in the peer call.
 BASELINE = ["llama-1b-b-nock-nolig"]

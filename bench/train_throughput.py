@@ -59,6 +59,8 @@ CASES = {
                      ("bs8-compile-b0.6", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.6}),
                      ("bs8-compile-b0.3", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.3}),
                      ("bs8-compile-b0.5", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.5}),
+                     ("bs8-compile-b0.7", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.7}),
+                     ("bs8-compile-b0.8", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.8}),
                      ("bs8-compile-fp8-b0.5", 8, {**FAST, **COMPILE, **FP8,
                                                   "activation_memory_budget": 0.5}),
                      ("bs8-no-liger", 8, {"liger_kernel": False, "torch_compile": False}),
@@ -272,6 +274,8 @@ class StepProfiler:
 # (opt-in: checked as its own variant).
 LEARN_FAST = {**FAST, **COMPILE, "activation_memory_budget": 0.5}
 LEARN_VARIANTS = {"fast": LEARN_FAST, "fast-fp8": {**LEARN_FAST, **FP8}}
+# LEARN=fast (default: every variant) picks the variants to run, comma-separated.
+LEARN_ONLY = [v for v in os.environ.get("LEARN", "").split(",") if v]
 
 PROBE = StepProbe()
 PROFILER = StepProfiler()
@@ -521,14 +525,16 @@ def variable_length(out: Path, only: list[str] = ()) -> None:
     cfg = LlamaConfig(**baseline_peft.SHAPES[shape])
     lengths = varlen_lengths(64)
     mean_len = round(sum(lengths) / len(lengths))
-    base = baseline_padded(model_dir, lengths, micro=8)
-    base_row = {"shape": "llama-1b-varlen", "path": "baseline-padded", "examples": 64,
-                "mean_length": mean_len, "micro_batch": 8,
-                **rates(base["step_s"], base["real_tokens_per_step"], cfg, mean_len),
-                "peak_mem_gib": base["peak_mem_gib"],
-                **{k: base[k] for k in ("grad_norm", "trainable", "ckpt_layers", "offload",
-                                        "trains")}}
-    emit(out, base_row)
+    base_row = {"tokens_per_s": None}
+    if not os.environ.get("BENCH_NO_BASELINE"):
+        base = baseline_padded(model_dir, lengths, micro=8)
+        base_row = {"shape": "llama-1b-varlen", "path": "baseline-padded", "examples": 64,
+                    "mean_length": mean_len, "micro_batch": 8,
+                    **rates(base["step_s"], base["real_tokens_per_step"], cfg, mean_len),
+                    "peak_mem_gib": base["peak_mem_gib"],
+                    **{k: base[k] for k in ("grad_norm", "trainable", "ckpt_layers",
+                                            "offload", "trains")}}
+        emit(out, base_row)
     rows = [r[:n] for r, n in zip(random_rows(64, SEQ), lengths)]
     dataset = write_dataset(rows, "varlen-64")
     for name, per_device, fields in [("packed-32", 32, {**FAST, "packing": True}),
@@ -542,7 +548,8 @@ def variable_length(out: Path, only: list[str] = ()) -> None:
         row = {"shape": "llama-1b-varlen", "path": "loraflow", "case": name, "fields": fields,
                **rates(r["step_s"], sum(lengths), cfg, mean_len),
                "peak_mem_gib": r["peak_mem_gib"], **probe_fields(r)}
-        row["speedup"] = round(row["tokens_per_s"] / base_row["tokens_per_s"], 3)
+        if base_row["tokens_per_s"]:
+            row["speedup"] = round(row["tokens_per_s"] / base_row["tokens_per_s"], 3)
         emit(out, row)
 
 
@@ -559,6 +566,8 @@ def learnable(out: Path, steps: int = 50, lr: float = 5e-4) -> None:
     base = baseline_learn(model_dir, rows, steps, lr)
     dataset = write_dataset(rows, "alphabet-8")
     for variant, fields in LEARN_VARIANTS.items():
+        if LEARN_ONLY and variant not in LEARN_ONLY:
+            continue
         try:
             fast = run_loraflow(model_dir, dataset, "none", 8, 8, fields, steps, lr=lr,
                                 log_every=1)
