@@ -23,6 +23,6 @@ PY
 cat "$out/machine.txt"
 if [ $# -eq 0 ]; then
   set -- tests/gpu/test_gpu_loading.py tests/gpu/test_gpu_training.py tests/gpu/test_gpu_flow.py \
-    tests/gpu/test_gpu_methods.py
+    tests/gpu/test_gpu_methods.py tests/gpu/test_gpu_levers.py
 fi
 python3 -m pytest -p no:cacheprovider -v -rA "$@" 2>&1 | tee "$out/pytest.log"
