@@ -102,6 +102,7 @@ class Gpu(BaseModel):
     total_bytes: int
     free_bytes: int
     bf16: bool = True
+    compute_capability: Optional[float] = None  # nvidia-smi's compute_cap, e.g. 9.0
 
     @property
     def usable_bytes(self) -> int:

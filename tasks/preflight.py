@@ -149,6 +149,9 @@ def _major_minor(package: str) -> tuple[int, int]:
         return (0, 0)
 
 
+FP8_CAPABILITY = 8.9  # CUDA compute capability with FP8 tensor cores (Ada)
+
+
 def check_loading_options(profile: Profile, gpus: list) -> None:
     """What loading needs from this machine, checked before any weight is read.
 
@@ -187,6 +190,22 @@ def check_loading_options(profile: Profile, gpus: list) -> None:
             "training.fp8: FP8 matmuls run on a GPU's FP8 tensor cores (compute capability "
             "8.9 or newer: Ada, Hopper, Blackwell), and no CUDA GPU is visible here. Fix: set "
             "training.fp8 to false, or train on such a GPU.")
+    older = [g for g in gpus if (g.compute_capability or 0) < FP8_CAPABILITY]
+    if t.fp8 and not on_cpu and older:
+        raise errors.ProfileError(
+            f"training.fp8: FP8 matmuls need FP8 tensor cores (compute capability "
+            f"{FP8_CAPABILITY} or newer: Ada, Hopper, Blackwell), and GPU {older[0].index} "
+            f"({older[0].name}) has {older[0].compute_capability or 'an unknown one'}. Fix: "
+            "set training.fp8 to false, or train on such a GPU.")
+    from tasks.training.launch import resolve_launcher
+
+    launcher, processes = resolve_launcher(t, len(gpus), m.device_map)
+    if t.offload_activations and processes > 1:
+        raise errors.ProfileError(
+            f"training.offload_activations: training would run {processes} processes "
+            f"({launcher}, training.launcher {t.launcher}), and offloaded checkpointing runs "
+            "in one. Fix: set training.launcher to single (or nproc_per_node to 1), or "
+            "training.offload_activations to false.")
     from tasks.training.speed import adapts_output_head
 
     if t.liger_kernel is True and profile.model.task == "causal-lm" \

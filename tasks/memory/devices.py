@@ -37,11 +37,11 @@ def visible_gpus(run: Callable = subprocess.run, env: Optional[dict] = None) -> 
             continue
         index, uuid, name, total, free, cap = parts[:6]
         try:
-            major = float(cap)
+            capability = float(cap)
         except ValueError:
-            major = 8.0
+            capability = None  # unknown: bf16 assumed, FP8 not
         rows.append((int(index), uuid, name, int(float(total)) * 2**20,
-                     int(float(free)) * 2**20, major >= 8.0))
+                     int(float(free)) * 2**20, (capability or 8.0) >= 8.0, capability))
     wanted = env.get("CUDA_VISIBLE_DEVICES")
     if wanted is not None:
         order = [w.strip() for w in wanted.split(",") if w.strip()]
@@ -54,8 +54,8 @@ def visible_gpus(run: Callable = subprocess.run, env: Optional[dict] = None) -> 
                 break  # CUDA stops at the first invalid entry
             picked.append(match[0])
         rows = picked
-    return [Gpu(index=i, name=r[2], total_bytes=r[3], free_bytes=r[4], bf16=r[5])
-            for i, r in enumerate(rows)]
+    return [Gpu(index=i, name=r[2], total_bytes=r[3], free_bytes=r[4], bf16=r[5],
+                compute_capability=r[6]) for i, r in enumerate(rows)]
 
 
 def available_ram_bytes() -> int:

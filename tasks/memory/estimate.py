@@ -32,7 +32,7 @@ from tasks.memory.tensors import (
     targeted,
 )
 from tasks.training.adapters import adapter_param_count
-from tasks.training.speed import use_torch_compile
+from tasks.training.speed import offloads_activations, use_torch_compile
 
 # ---------------------------------------------------------------------------- constants
 # Fixed before any GPU measurement of this estimate (docs/benchmarks.md).
@@ -237,8 +237,8 @@ def estimate_training_memory(profile: Profile, tensors: TensorSpecs, config: dic
     # A checkpointed layer keeps its input and backward recomputes one at a time; the
     # others keep everything. Offloaded inputs wait in CPU memory: at most two are on the
     # GPU at once (the one being recomputed and the one prefetched, tasks.training.offload).
-    kept_inputs = min(checkpointed, OFFLOADED_INPUTS_ON_GPU) if t.offload_activations \
-        else checkpointed
+    kept_inputs = min(checkpointed, OFFLOADED_INPUTS_ON_GPU) \
+        if offloads_activations(profile, on_gpu, processes=1) else checkpointed
     # Compiled layers keep about training.activation_memory_budget of what eager ones do
     # (the partitioner recomputes the rest; measured 0.58–0.63 at budgets 0.5–0.6, 8B and
     # 1B, docs/benchmarks.md).

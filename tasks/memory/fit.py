@@ -15,6 +15,7 @@ from tasks.memory.estimate import (
     estimate_training_memory,
 )
 from tasks.memory.tensors import TensorSpecs
+from tasks.training.speed import offloads_activations
 
 
 class InsufficientMemoryError(errors.OutOfMemoryError):
@@ -165,8 +166,12 @@ def fit_to_cap(profile: Profile, tensors: TensorSpecs, config: dict, on_gpu: boo
     layers = estimate_training_memory(profile, tensors, config, on_gpu, bf16_ok).layers
     tokens = total * profile.data.max_length
     # Offloaded checkpointing (tasks.training.offload) only when nothing fits without it:
-    # it costs copies; one process on a GPU.
-    for offload in (False, True) if on_gpu and processes == 1 else (False,):
+    # it costs copies; one process on a GPU, and not where compiled layers would
+    # checkpoint inside their forward.
+    can_offload = on_gpu and processes == 1 and offloads_activations(_variant(
+        profile, training={"gradient_checkpointing": True, "offload_activations": True}),
+        on_gpu, processes)
+    for offload in (False, True) if can_offload else (False,):
         fitting = []  # (cost, fields) of the fewest checkpointed layers that fit, per batch
         for batch in batches:
             for count in range(1 if offload else 0, layers + 1):
@@ -185,7 +190,7 @@ def fit_to_cap(profile: Profile, tensors: TensorSpecs, config: dict, on_gpu: boo
             return min(fitting, key=lambda found: found[0])[1]
     raise InsufficientMemoryError(
         f"training.memory_cap_gib: even one example per step with every layer checkpointed "
-        f"{'and its input offloaded to CPU memory ' if on_gpu and processes == 1 else ''}"
+        f"{'and its input offloaded to CPU memory ' if can_offload else ''}"
         f"needs more than {t.memory_cap_gib} GiB. Fix: raise the cap, quantize "
         "(quantization.mode nf4) or shorten data.max_length.")
 

@@ -191,12 +191,7 @@ class TrainingProgress(TrainerCallback):
 
     @staticmethod
     def _log(line: str) -> None:
-        if _in_prefect_run():
-            from prefect.logging import get_run_logger
-
-            get_run_logger().info(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        log_line(line)
 
     @staticmethod
     def _percent(state) -> float:
@@ -234,3 +229,15 @@ class TrainingProgress(TrainerCallback):
 
         self._call(patch)
         self._last_metrics = time.monotonic()
+
+
+def log_line(line: str, warning: bool = False) -> None:
+    """One line to the Prefect run's log (a training task), else to stderr (a torchrun
+    worker, a bench)."""
+    if _in_prefect_run():
+        from prefect.logging import get_run_logger
+
+        logger = get_run_logger()
+        (logger.warning if warning else logger.info)(line)
+    else:
+        print(line, file=sys.stderr, flush=True)

@@ -266,9 +266,10 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
     from transformers import Trainer, TrainingArguments
 
     from tasks.model_tasks import data_collator
-    from tasks.training.progress import TrainingProgress
+    from tasks.training.progress import TrainingProgress, log_line
     from tasks.training.speed import (
         compile_decoder_layers,
+        offloads_activations,
         partial_checkpointing_callback,
         set_activation_memory_budget,
         use_torch_compile,
@@ -318,9 +319,20 @@ def build_trainer(profile: Profile, model, tokenizer, dataset: DatasetManifest, 
         **({} if t.optimizer == "auto" else {"optim": t.optimizer}),  # auto: fused AdamW
         **distributed_arguments(profile, model),
     )
-    if use_torch_compile(profile, torch.cuda.is_available(), world().size):
+    compiled = use_torch_compile(profile, torch.cuda.is_available(), world().size)
+    if compiled:
         set_activation_memory_budget(t.activation_memory_budget)
         compile_decoder_layers(model)
+    elif t.activation_memory_budget < 1:
+        log_line(f"training.activation_memory_budget {t.activation_memory_budget} applies "
+                 "to compiled layers only, and these run eager (training.torch_compile): "
+                 "it changes nothing here.", warning=True)
+    if t.offload_activations and t.gradient_checkpointing and not offloads_activations(
+            profile, torch.cuda.is_available(), world().size):
+        log_line("training.offload_activations: this transformers checkpoints inside the "
+                 "compiled layers' forward, where the inputs cannot be offloaded: the layers "
+                 "checkpoint on the GPU (torch's checkpoint). Set training.torch_compile to "
+                 "false to offload.", warning=True)
     collator = data_collator(profile.model.task, tokenizer, model)  # labels padded with -100
     if t.packing:
         from tasks.training.packing import PackingCollator

@@ -105,6 +105,31 @@ def use_torch_compile(profile: Profile, cuda: bool, processes: int) -> bool:
     return choice
 
 
+@lru_cache(maxsize=1)
+def checkpoints_inside_forward() -> bool:
+    """Whether the installed transformers checkpoints a decoder layer inside its forward
+    (5.23 and later; earlier around the layer's call): with compiled layers that call
+    then comes from compiled code. Read from the package's version, without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("transformers")) >= Version("5.23")
+    except PackageNotFoundError:
+        return False
+
+
+def offloads_activations(profile: Profile, cuda: bool, processes: int) -> bool:
+    """Whether training.offload_activations will offload: it needs checkpointing, and
+    compiled layers on a transformers that checkpoints inside the compiled forward fall
+    back to torch's checkpoint (tasks.training.offload)."""
+    t = profile.training
+    if not (t.offload_activations and t.gradient_checkpointing):
+        return False
+    return not (use_torch_compile(profile, cuda, processes) and checkpoints_inside_forward())
+
+
 def use_liger(profile: Profile, model_type: Optional[str] = None) -> bool:
     """training.liger_kernel for this process (see liger_expected); true → required.
 

@@ -154,10 +154,25 @@ def test_flex_attention_is_refused_for_cpu_training(monkeypatch):
     _check(["model.attn_implementation=flex_attention"], GPU, monkeypatch=monkeypatch)
 
 
-def test_fp8_is_refused_before_download_without_a_gpu(monkeypatch):
+def test_fp8_is_refused_before_download_without_fp8_tensor_cores(monkeypatch):
     with pytest.raises(ProfileError, match="training.fp8.*no CUDA GPU is visible.*Fix"):
         _check(["training.fp8=true"], [], monkeypatch=monkeypatch)
-    _check(["training.fp8=true"], GPU, monkeypatch=monkeypatch)
+    a100 = [Gpu(index=0, name="A100", total_bytes=80 * GiB, free_bytes=79 * GiB,
+                compute_capability=8.0)]
+    with pytest.raises(ProfileError, match="training.fp8.*GPU 0 \\(A100\\) has 8.0.*Fix"):
+        _check(["training.fp8=true"], a100, monkeypatch=monkeypatch)
+    h100 = [a100[0].model_copy(update={"name": "H100", "compute_capability": 9.0})]
+    _check(["training.fp8=true"], h100, monkeypatch=monkeypatch)
+
+
+def test_offloading_is_refused_before_download_when_training_would_run_several_processes(
+        monkeypatch):
+    two = [GPU[0], GPU[0].model_copy(update={"index": 1})]
+    sets = ["training.offload_activations=true", "training.gradient_checkpointing=true"]
+    with pytest.raises(ProfileError, match="training.offload_activations.*2 processes.*Fix"):
+        _check(sets, two, monkeypatch=monkeypatch)
+    _check([*sets, "training.launcher=single"], two, monkeypatch=monkeypatch)
+    _check(sets, GPU, monkeypatch=monkeypatch)
 
 
 def test_liger_kernel_true_needs_the_package_and_a_gpu(monkeypatch):

@@ -48,6 +48,10 @@ def test_packed_loss_equals_the_unpacked_loss(tiny_llama_dir, attn):
     (["training.offload_activations=true"], "training.offload_activations"),
     (["training.fp8=true", "quantization.mode=nf4"], "training.fp8"),
     (["training.fp8=true", "lora.use_dora=true"], "training.fp8"),
+    (["training.fp8=true", "lora.method=ia3"], "training.fp8"),
+    (["training.activation_memory_budget=0"], "training.activation_memory_budget"),
+    (["training.offload_activations=true", "training.gradient_checkpointing=true",
+      "training.launcher=torchrun"], "training.offload_activations"),
 ])
 def test_speed_options_that_do_not_fit_are_refused(sets, field):
     from profiles.loader import ProfileError, load_profile
