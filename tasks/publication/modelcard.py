@@ -26,6 +26,24 @@ LINEAGE_KEYS = ("profile", "base_model", "dataset", "adapter", "metrics", "flow_
 METHOD_NAMES = {"lora": "LoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr"}
 
 
+def _speed_line(record: dict) -> str:
+    """The speed levers as the run resolved them (record "speed"), as one card line; FP8
+    first, because it changes the base's matmul precision."""
+    speed = record.get("speed") or {}
+    parts = []
+    if speed.get("fp8_layers"):
+        parts.append(f"FP8 base matmuls in {speed['fp8_layers']} layers (e4m3)")
+    if speed.get("liger_kernels"):
+        parts.append("Liger " + ", ".join(speed["liger_kernels"]))
+    if speed.get("torch_compile"):
+        parts.append("decoder layers compiled")
+    if speed.get("offloaded_layers"):
+        count = speed["offloaded_layers"]
+        parts.append(f"the inputs of {count} checkpointed layer{'s' if count != 1 else ''} "
+                     "kept in CPU memory")
+    return f"- Speed levers (as run): {'; '.join(parts)}\n" if parts else ""
+
+
 def _kind(method: str, quantized: bool) -> str:
     """What the card calls the adapter: QLoRA for LoRA on a 4/8-bit base."""
     name = METHOD_NAMES.get(method, method)
@@ -410,7 +428,7 @@ published by loraflow. Everything needed to reproduce the run is on this page an
 {_samples_section(samples)}## Provenance
 
 - Hardware: {hardware}
-- Libraries: {versions}
+{_speed_line(record)}- Libraries: {versions}
 - Prefect flow run of the training: {run_link}
 - Training cache key: `{record['train_key']}`
 """

@@ -222,4 +222,8 @@ def test_offloaded_checkpointing_trains_through_the_flow(as_user):
     assert report["status"] == "completed", report["error"]
     record = json.loads((Path(report["adapter"]["path"]).parent / "record.json").read_text())
     assert record["speed"]["offloaded_layers"] == 1
+    from tasks.publication.modelcard import render_model_card
+
+    card = render_model_card(record, "loraflow-demo/card-preview")
+    assert "- Speed levers (as run): the inputs of 1 checkpointed layer kept in CPU memory" in card
     assert report["metrics"]["last_loss"] < report["metrics"]["first_loss"], report["metrics"]
