@@ -204,7 +204,8 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
                            profile.training.gradient_checkpointing and not sharded, sharded,
                            task=profile.model.task,
                            continue_from=continued.local_dir if continued else None)
-    keep_adapter_inputs_16bit(model)  # the same values, without a copy per LoRA layer
+    if not sharded:  # FSDP's own mixed precision decides dtypes there (untested on GPU)
+        keep_adapter_inputs_16bit(model)  # the same values, without a copy per LoRA layer
     return model, liger
 
 
