@@ -187,7 +187,8 @@ def learn_lines(rows: list[dict]) -> list[str]:
             lines.append(f"- learn `{r['variant']}`: error {r['error'][:120]}")
             continue
         met = learn_met(r)
-        lines.append(f"- learn `{r['variant']}` ({r['steps']} steps, lr {r['lr']}): mean "
+        lines.append(f"- learn `{r['variant']}` (seed {r.get('seed', 0)}, {r['steps']} steps, "
+                     f"lr {r['lr']}): mean "
                      f"relative loss difference {r['mean_rel_loss_diff']} over the "
                      f"{r['steps_above_0.1']} steps where the baseline's loss > 0.1, final "
                      f"loss {r['loss_first_last'][3]} vs the baseline's "

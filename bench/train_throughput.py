@@ -274,8 +274,11 @@ class StepProfiler:
 # (opt-in: checked as its own variant).
 LEARN_FAST = {**FAST, **COMPILE, "activation_memory_budget": 0.5}
 LEARN_VARIANTS = {"fast": LEARN_FAST, "fast-fp8": {**LEARN_FAST, **FP8}}
-# LEARN=fast (default: every variant) picks the variants to run, comma-separated.
+# LEARN=fast (default: every variant) picks the variants to run, comma-separated;
+# LEARN_SEEDS=0,1,2 (default 0) repeats the check per LoRA seed: one 50-step trajectory
+# moves by a couple of percent from harmless changes alone (bench/fp8_numerics.py).
 LEARN_ONLY = [v for v in os.environ.get("LEARN", "").split(",") if v]
+LEARN_SEEDS = [int(s) for s in os.environ.get("LEARN_SEEDS", "0").split(",") if s]
 
 PROBE = StepProbe()
 PROFILER = StepProfiler()
@@ -437,12 +440,13 @@ def baseline_padded(model_dir: Path, lengths: list[int], micro: int, seed: int =
             "offload": False, "trains": bool(gnorm > 0 and math.isfinite(gnorm))}
 
 
-def baseline_learn(model_dir: Path, rows: list[list[int]], steps: int, lr: float) -> dict:
+def baseline_learn(model_dir: Path, rows: list[list[int]], steps: int, lr: float,
+                   seed: int = 0) -> dict:
     """The plain loop on the learnable task: the whole batch every step, AdamW as the
     Trainer configures it (no weight decay, gradient norm clipped at 1.0)."""
     import torch
 
-    model = peft_model(model_dir, ckpt=False)
+    model = peft_model(model_dir, ckpt=False, seed=seed)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.0, fused=True)
@@ -563,31 +567,33 @@ def learnable(out: Path, steps: int = 50, lr: float = 5e-4) -> None:
 
     model_dir = save_random_model("llama-1b")
     rows = alphabet_rows(8, SEQ)
-    base = baseline_learn(model_dir, rows, steps, lr)
     dataset = write_dataset(rows, "alphabet-8")
-    for variant, fields in LEARN_VARIANTS.items():
-        if LEARN_ONLY and variant not in LEARN_ONLY:
-            continue
-        try:
-            fast = run_loraflow(model_dir, dataset, "none", 8, 8, fields, steps, lr=lr,
-                                log_every=1)
-        except Exception as exc:  # one failing variant must not hide the other
+    for seed in LEARN_SEEDS:
+        base = baseline_learn(model_dir, rows, steps, lr, seed=seed)
+        for variant, fields in LEARN_VARIANTS.items():
+            if LEARN_ONLY and variant not in LEARN_ONLY:
+                continue
+            try:
+                fast = run_loraflow(model_dir, dataset, "none", 8, 8, {**fields, "seed": seed},
+                                    steps, lr=lr, log_every=1)
+            except Exception as exc:  # one failing variant must not hide the other
+                emit(out, {"shape": "llama-1b-learnable", "path": "learn", "variant": variant,
+                           "seed": seed, "error": repr(exc)[:800]})
+                continue
+            fast_init = load_file(fast["init"])
+            same_init = all(
+                torch.equal(v.cpu(), fast_init[k.replace(".default", "")].to(v.dtype))
+                for k, v in base["init"].items())
+            a, b = base["losses"], fast["losses"]
+            rel = [abs(x - y) / abs(x) for x, y in zip(a, b) if x > 0.1]
             emit(out, {"shape": "llama-1b-learnable", "path": "learn", "variant": variant,
-                       "error": repr(exc)[:800]})
-            continue
-        fast_init = load_file(fast["init"])
-        same_init = all(torch.equal(v.cpu(), fast_init[k.replace(".default", "")].to(v.dtype))
-                        for k, v in base["init"].items())
-        a, b = base["losses"], fast["losses"]
-        rel = [abs(x - y) / abs(x) for x, y in zip(a, b) if x > 0.1]
-        emit(out, {"shape": "llama-1b-learnable", "path": "learn", "variant": variant,
-                   "fields": fields, "steps": steps, "lr": lr, "same_lora_init": same_init,
-                   "baseline_losses": a, "loraflow_losses": b,
-                   "steps_above_0.1": len(rel),
-                   "mean_rel_loss_diff": round(sum(rel) / len(rel), 4) if rel else None,
-                   "max_rel_loss_diff": round(max(rel), 4) if rel else None,
-                   "final_loss_ratio": round(b[-1] / a[-1], 3) if a[-1] else None,
-                   "loss_first_last": [a[0], a[-1], b[0], b[-1]]})
+                       "seed": seed, "fields": fields, "steps": steps, "lr": lr,
+                       "same_lora_init": same_init, "baseline_losses": a, "loraflow_losses": b,
+                       "steps_above_0.1": len(rel),
+                       "mean_rel_loss_diff": round(sum(rel) / len(rel), 4) if rel else None,
+                       "max_rel_loss_diff": round(max(rel), 4) if rel else None,
+                       "final_loss_ratio": round(b[-1] / a[-1], 3) if a[-1] else None,
+                       "loss_first_last": [a[0], a[-1], b[0], b[-1]]})
 
 
 def main() -> None:
