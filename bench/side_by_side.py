@@ -41,13 +41,19 @@ START = time.time()
 # Each shape's process runs the plain baseline of its shape first unless
 # BENCH_NO_BASELINE is set for it (the 1B baseline alone shows the two calls shared a GPU).
 LORAFLOW = [
-    ("1b-bf16", ["llama-1b", "bs8-compile", "bs8-compile-b0.7", "bs8-compile-b0.8"], {}),
-    ("8b-bf16", ["llama-8b", "bs2x2-compile-b0.6", "bs4-offload-compile"],
-     {"BENCH_NO_BASELINE": "1"}),
+    ("1b-bf16", ["llama-1b", "bs8-compile", "bs8-compile-fp8mlp-dq", "bs8-compile-fp8mlp-dq-b0.8",
+                 "bs8-compile-fp8dq-b0.8"], {}),
+    # the 1B baseline alone: proof of the same GPU in a call without the 1B row
+    ("1b-baseline", ["llama-1b", "none"], {}),
+    ("8b-bf16", ["llama-8b", "bs2x2-compile-fp8mlp-dq", "bs4-offload-compile-fp8mlp-dq",
+                 "bs2x2-compile-fp8dq", "bs4-offload-compile-fp8dq"], {"BENCH_NO_BASELINE": "1"}),
     ("8b-nf4", ["llama-8b-nf4", "bs4-offload-compile"], {"BENCH_NO_BASELINE": "1"}),
     ("varlen", ["varlen", "packed-32-compile"], {"BENCH_NO_BASELINE": "1"}),
-    ("learn", ["learn"], {"LEARN": "fast"}),
+    ("learn", ["learn"], {"LEARN": "fast-fp8mlp-dq,fast-fp8dq,fast-fp8mlp,fast"}),
 ]
+# SIDE_ROWS=8b-bf16,8b-nf4 runs only those entries of LORAFLOW (default: all of them, in
+# order): the loraflow side can span two calls around the peer call when it outgrows one.
+SIDE_ROWS = [r for r in os.environ.get("SIDE_ROWS", "").split(",") if r]
 # The plain baseline's cases (bench/baseline_peft.py tags), run in the peer call.
 BASELINE = ["llama-1b-b-nock-nolig"]
 # Unsloth's cases per process (bench/peer_unsloth.py CASE syntax).
@@ -144,6 +150,8 @@ def call_loraflow(out: Path) -> None:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     machine(out, path, ["liger_kernel"])
     for name, args, extra in LORAFLOW:
+        if SIDE_ROWS and name not in SIDE_ROWS:
+            continue
         if left() < 30:
             print(f"# {name}: skipped, budget spent", flush=True)
             continue
@@ -167,8 +175,20 @@ def call_peer(out: Path) -> None:
         record(out, "unsloth", rows)
 
 
-def uses_fp8(r: dict) -> bool:
-    return bool((r.get("fields") or {}).get("fp8")) or "fp8" in str(r.get("case", ""))
+def fp8_recipe(r: dict):
+    """None without FP8, else (target modules, backward) from the row's profile fields."""
+    fields = r.get("fields") or {}
+    if not fields.get("fp8"):
+        return None
+    return (tuple(fields.get("fp8_target_modules") or ("all",)), fields.get("fp8_backward", "fp8"))
+
+
+def recipes_that_learn(rows: list[dict]) -> set:
+    """FP8 recipes whose learnable check met the bound on every seed it ran."""
+    learn = [r for r in rows if r.get("path") == "learn" and fp8_recipe(r)]
+    recipes = {fp8_recipe(r) for r in learn}
+    return {k for k in recipes
+            if all(learn_met(r) for r in learn if fp8_recipe(r) == k)}
 
 
 def learn_met(r: dict) -> bool:
@@ -262,11 +282,11 @@ def table(dirs: list[Path]) -> str:
     lines += ["", "| row | loraflow (best case) | Unsloth (best path) | tok/s ratio | "
               "peak GiB loraflow / Unsloth | target (≥ 1.05× at ≤ memory; varlen ≥ 1×) |",
               "|---|---|---|---|---|---|"]
-    # A case with FP8 counts only when FP8 passed the loss check in these calls.
-    fp8_ok = any(r.get("variant") == "fast-fp8" and learn_met(r) for r in everything)
+    # A case with FP8 counts only when its recipe passed the loss check in these calls.
+    fp8_ok = recipes_that_learn(everything)
     for key in ROWS:
         ours = [r for r in rows if row_key(r) == key and r["side"] == "loraflow"
-                and r.get("trains") and (fp8_ok or not uses_fp8(r))]
+                and r.get("trains") and fp8_recipe(r) in fp8_ok | {None}]
         peer = [r for r in rows if row_key(r) == key and r["side"] == "unsloth"
                 and r.get("trains")]
         if not ours or not peer:

@@ -51,6 +51,19 @@ CKPT = {"gradient_checkpointing": True}
 OFFLOAD = {"gradient_checkpointing": True, "offload_activations": True}
 LAYERS = {"liger_kernel": True}  # Liger in the decoder layers too, compiled or not
 FP8 = {"fp8": True}
+# FP8 recipes (training.fp8_target_modules / fp8_backward): the MLP projections only, and
+# the input gradient in 16 bits against the dequantized weight (one fp8 copy).
+MLP = ["gate_proj", "up_proj", "down_proj"]
+FP8_RECIPES = {"fp8": FP8,
+               "fp8mlp": {**FP8, "fp8_target_modules": MLP},
+               "fp8dq": {**FP8, "fp8_backward": "dequantized"},
+               "fp8mlp-dq": {**FP8, "fp8_target_modules": MLP, "fp8_backward": "dequantized"}}
+
+
+def budget(b: float) -> dict:
+    return {"activation_memory_budget": b}
+
+
 CASES = {
     "llama-1b": (8, [("bs8", 8, {**FAST}),
                      ("bs8-compile", 8, {**FAST, **COMPILE}),
@@ -63,6 +76,9 @@ CASES = {
                      ("bs8-compile-b0.8", 8, {**FAST, **COMPILE, "activation_memory_budget": 0.8}),
                      ("bs8-compile-fp8-b0.5", 8, {**FAST, **COMPILE, **FP8,
                                                   "activation_memory_budget": 0.5}),
+                     *[(f"bs8-compile-{r}{f'-b{b}' if b < 1 else ''}", 8,
+                        {**FAST, **COMPILE, **FP8_RECIPES[r], **budget(b)})
+                       for r in ("fp8mlp", "fp8dq", "fp8mlp-dq") for b in (1.0, 0.8, 0.7)],
                      ("bs8-no-liger", 8, {"liger_kernel": False, "torch_compile": False}),
                      ("bs8-no-liger-compile", 8, {"liger_kernel": False, **COMPILE})]),
     "llama-8b": (4, [("bs2x2", 2, {**FAST})] + [
@@ -88,7 +104,13 @@ CASES = {
         ("bs4-offload-compile-b0.6", 4, {**FAST, **OFFLOAD, **COMPILE,
                                          "activation_memory_budget": 0.6}),
         ("bs4-offload-compile-fp8-b0.6", 4, {**FAST, **OFFLOAD, **COMPILE, **FP8,
-                                             "activation_memory_budget": 0.6})]),
+                                             "activation_memory_budget": 0.6}),
+        *[(f"bs2x2-compile-{r}-b0.6", 2, {**FAST, **COMPILE, **FP8_RECIPES[r], **budget(0.6)})
+          for r in ("fp8mlp", "fp8dq", "fp8mlp-dq")],
+        *[(f"bs2x2-compile-{r}", 2, {**FAST, **COMPILE, **FP8_RECIPES[r]})
+          for r in ("fp8mlp", "fp8dq", "fp8mlp-dq")],
+        *[(f"bs4-offload-compile-{r}", 4, {**FAST, **OFFLOAD, **COMPILE, **FP8_RECIPES[r]})
+          for r in ("fp8mlp", "fp8dq", "fp8mlp-dq")]]),
     "llama-8b-nf4": (4, [("bs4-ckpt-all", 4, {**FAST, **CKPT})] + [
         (f"bs4-ckpt{n}", 4, {**FAST, **CKPT, "checkpoint_layers": n})
         for n in (26, 28)] + [
@@ -273,7 +295,8 @@ class StepProfiler:
 # The fast path of the learnable check: every lever the 16-bit rows use, FP8 apart
 # (opt-in: checked as its own variant).
 LEARN_FAST = {**FAST, **COMPILE, "activation_memory_budget": 0.5}
-LEARN_VARIANTS = {"fast": LEARN_FAST, "fast-fp8": {**LEARN_FAST, **FP8}}
+LEARN_VARIANTS = {"fast": LEARN_FAST,
+                  **{f"fast-{r}": {**LEARN_FAST, **fields} for r, fields in FP8_RECIPES.items()}}
 # LEARN=fast (default: every variant) picks the variants to run, comma-separated;
 # LEARN_SEEDS=0,1,2 (default 0) repeats the check per LoRA seed: one 50-step trajectory
 # moves by a couple of percent from harmless changes alone (bench/fp8_numerics.py).
@@ -570,9 +593,8 @@ def learnable(out: Path, steps: int = 50, lr: float = 5e-4) -> None:
     dataset = write_dataset(rows, "alphabet-8")
     for seed in LEARN_SEEDS:
         base = baseline_learn(model_dir, rows, steps, lr, seed=seed)
-        for variant, fields in LEARN_VARIANTS.items():
-            if LEARN_ONLY and variant not in LEARN_ONLY:
-                continue
+        for variant in LEARN_ONLY or LEARN_VARIANTS:  # LEARN's order: the first matter most
+            fields = LEARN_VARIANTS[variant]
             try:
                 fast = run_loraflow(model_dir, dataset, "none", 8, 8, {**fields, "seed": seed},
                                     steps, lr=lr, log_every=1)

@@ -512,8 +512,10 @@ class TrainingSection(_Section):
     """The training loop (transformers.TrainingArguments)."""
 
     form_advanced = ("weight_decay", "max_grad_norm", "checkpoint_layers", "memory_cap_gib",
-                     "liger_kernel", "torch_compile", "activation_memory_budget", "offload_activations", "fp8", "optimizer", "save_total_limit", "seed",
-                     "launcher", "nproc_per_node", "global_batch_size", "data_parallel")
+                     "liger_kernel", "torch_compile", "activation_memory_budget",
+                     "offload_activations", "fp8", "fp8_target_modules", "fp8_backward",
+                     "optimizer", "save_total_limit", "seed", "launcher", "nproc_per_node",
+                     "global_batch_size", "data_parallel")
 
     learning_rate: float = Field(2e-4, gt=0, description="TrainingArguments.learning_rate.")
     max_steps: Optional[int] = Field(None, gt=0, description="TrainingArguments.max_steps; "
@@ -581,6 +583,16 @@ class TrainingSection(_Section):
         "learnable check the loss differed by 3.8% on average from 16-bit training — so it "
         "is opt-in. Needs a GPU with FP8 tensor cores (compute capability ≥ 8.9), lora."
         "method lora without DoRA, and no quantization.")
+    fp8_target_modules: Optional[list[str]] = Field(
+        None, title="FP8: which LoRA layers", description="With fp8: the leaf names of the "
+        "LoRA layers whose base runs in FP8 (e.g. [gate_proj, up_proj, down_proj]: the MLP, "
+        "most of a Llama's linear FLOPs); null: every LoRA layer FP8 can take.")
+    fp8_backward: Literal["fp8", "dequantized"] = Field(
+        "fp8", title="FP8: input gradient", description="With fp8: fp8 quantizes the "
+        "gradient and multiplies it with a transposed fp8 copy of the weight (both matmuls "
+        "on FP8 tensor cores; weight memory as in 16 bits); dequantized keeps the gradient "
+        "in 16 bits against the fp8 weight dequantized per layer (one fp8 copy: half the "
+        "weight memory; the backward matmul in 16 bits).")
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit",
                        "paged_adamw_8bit"] = Field(
         "auto", description="TrainingArguments.optim. auto: transformers' default (fused "
@@ -693,6 +705,13 @@ class Profile(_Section):
             raise ValueError(f"training.fp8: FP8 matmuls replace 16-bit base weights, but "
                              f"quantization.mode is {self.quantization.mode}. Fix: set "
                              "training.fp8 to false, or quantization.mode to none.")
+        fp8_options = [f"training.{name}" for name, default in
+                       (("fp8_target_modules", None), ("fp8_backward", "fp8"))
+                       if getattr(self.training, name) != default]
+        if fp8_options and not self.training.fp8:
+            raise ValueError(f"{fp8_options[0]}: it shapes FP8 matmuls, but training.fp8 is "
+                             f"false. Fix: set training.fp8 to true, or leave "
+                             f"{fp8_options[0]} at its default.")
         if self.training.fp8 and self.lora.method != "lora":
             raise ValueError(f"training.fp8: FP8 replaces the base of LoRA layers, and "
                              f"lora.method is {self.lora.method}. Fix: set training.fp8 to "

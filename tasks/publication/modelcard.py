@@ -32,7 +32,9 @@ def _speed_line(record: dict) -> str:
     speed = record.get("speed") or {}
     parts = []
     if speed.get("fp8_layers"):
-        parts.append(f"FP8 base matmuls in {speed['fp8_layers']} layers (e4m3)")
+        backward = ("input gradient in 16 bits" if speed.get("fp8_backward") == "dequantized"
+                    else "input gradient in FP8")
+        parts.append(f"FP8 base matmuls in {speed['fp8_layers']} layers (e4m3; {backward})")
     if speed.get("liger_kernels"):
         parts.append("Liger " + ", ".join(speed["liger_kernels"]))
     if speed.get("torch_compile"):

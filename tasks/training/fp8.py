@@ -15,7 +15,9 @@ Shapes (N = out_features, K = in_features, M = tokens):
 - `weight_t_fp8` (K, N) e4m3, contiguous (the transpose, for the backward), with
   `weight_t_scale` (K,) fp32 = amax over N / 448;
 - forward: x (..., K) → (M, K), quantized per row on the fly, y = x_q · W_qᵀ (M, N);
-- backward: grad (M, N) quantized per row, grad_x = g_q · (Wᵀ)_qᵀ (M, K).
+- backward (`backward="fp8"`): grad (M, N) quantized per row, grad_x = g_q · (Wᵀ)_qᵀ (M, K);
+- backward (`backward="dequantized"`): grad_x = grad · W̃ (M, K) in `compute_dtype`, W̃ the
+  fp8 weight dequantized on the fly (N, K): no transposed copy, no quantized gradient.
 
 Numerics: e4m3 has 3 mantissa bits and a largest finite value of 448; every scale is a
 row's (or column's) amax / 448 (amax clamped to ≥ 1e-12, so an all-zero row gives zeros,
@@ -26,7 +28,8 @@ measures it). It changes the matmul precision of the frozen base model, so it is
 opt-in lever that a profile turns on explicitly — never silently on.
 
 Memory: the two fp8 copies cost 2 × 1 byte per parameter, the same as the bf16 weight they
-replace (which is freed). Nothing the size of the input is saved for the backward: the
+replace (which is freed); with `backward="dequantized"` one copy, 1 byte per parameter (half
+the weight), and one layer's dequantized weight lives only during its backward matmul. Nothing the size of the input is saved for the backward: the
 weight is frozen, so its gradient (the only use of x) is never computed.
 
 Padding: `_scaled_mm` needs K and N multiples of 16 (conversion skips other layers) and,
@@ -92,39 +95,71 @@ class _Float8FrozenMatmul(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+class _Float8ForwardMatmul(torch.autograd.Function):
+    """y = x · Wᵀ with W frozen: forward in e4m3, input gradient in 16 bits against the
+    dequantized fp8 weight (the backward quantizes nothing: the gradient keeps its precision)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight_fp8, weight_scale, out_dtype):
+        ctx.save_for_backward(weight_fp8, weight_scale)
+        ctx.out_dtype = out_dtype
+        return _scaled_matmul(x2d, weight_fp8, weight_scale, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight_fp8, weight_scale = ctx.saved_tensors
+        weight = (weight_fp8.float() * weight_scale.view(-1, 1)).to(ctx.out_dtype)
+        return grad_out.to(ctx.out_dtype) @ weight, None, None, None
+
+
+BACKWARDS = ("fp8", "dequantized")
+
+
 class Float8FrozenLinear(torch.nn.Module):
     """A frozen `nn.Linear` whose matmuls (forward and input-gradient) run in FP8 e4m3.
 
     Build it with `Float8FrozenLinear.from_linear(linear)`. It holds no parameters that
-    train: the weight lives in two fp8 buffers (see the module docstring), the bias (if
-    any) as a frozen parameter in its original dtype.
+    train: the weight lives in fp8 buffers (see the module docstring), the bias (if any)
+    as a frozen parameter in its original dtype.
 
     Attributes:
         in_features: K.
         out_features: N.
         compute_dtype: the original weight dtype; the output dtype of forward.
+        backward: "fp8" (input gradient in e4m3 against the transposed copy) or
+            "dequantized" (in `compute_dtype` against the dequantized weight; no
+            transposed copy: `weight_t_fp8` / `weight_t_scale` are None).
     """
 
-    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype,
+                 device=None, backward: str = "fp8"):
         super().__init__()
+        if backward not in BACKWARDS:
+            raise ValueError(f"Float8FrozenLinear: backward={backward!r}; one of {BACKWARDS}.")
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
+        self.backward = backward
         f8 = torch.float8_e4m3fn
+        transposed = backward == "fp8"
         self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=f8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("weight_t_fp8", torch.empty(in_features, out_features, dtype=f8, device=device))
-        self.register_buffer("weight_t_scale", torch.empty(in_features, dtype=torch.float32, device=device))
+        self.register_buffer("weight_t_fp8", torch.empty(in_features, out_features, dtype=f8, device=device)
+                             if transposed else None)
+        self.register_buffer("weight_t_scale", torch.empty(in_features, dtype=torch.float32, device=device)
+                             if transposed else None)
         self.bias: torch.nn.Parameter | None = None
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: torch.nn.Linear) -> "Float8FrozenLinear":
-        """Quantize a frozen linear layer's weight (row-wise, both orientations).
+    def from_linear(cls, linear: torch.nn.Linear, backward: str = "fp8") -> "Float8FrozenLinear":
+        """Quantize a frozen linear layer's weight (row-wise; both orientations for an fp8
+        backward, one for a dequantized one).
 
         Args:
             linear: an `nn.Linear` with a floating-point weight (N, K); K and N
                 multiples of 16.
+            backward: "fp8" or "dequantized" (see the class).
 
         Returns:
             The FP8 layer, on the linear's device; the linear itself is left unchanged
@@ -145,13 +180,14 @@ class Float8FrozenLinear(torch.nn.Module):
                 f"Float8FrozenLinear: weight dtype {w.dtype} is not floating point "
                 "(already quantized?). Fix: convert only plain bf16/fp16/fp32 linears."
             )
-        layer = cls(k, n, w.dtype, device=w.device)
+        layer = cls(k, n, w.dtype, device=w.device, backward=backward)
         w_q, w_scale = _quantize_rows(w)
         layer.weight_fp8.copy_(w_q)
         layer.weight_scale.copy_(w_scale.view(n))
-        wt_q, wt_scale = _quantize_rows(w.t())
-        layer.weight_t_fp8.copy_(wt_q.contiguous())
-        layer.weight_t_scale.copy_(wt_scale.view(k))
+        if backward == "fp8":
+            wt_q, wt_scale = _quantize_rows(w.t())
+            layer.weight_t_fp8.copy_(wt_q.contiguous())
+            layer.weight_t_scale.copy_(wt_scale.view(k))
         if linear.bias is not None:
             layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -179,14 +215,12 @@ class Float8FrozenLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) → (..., N) in `compute_dtype`."""
         lead = x.shape[:-1]
-        y = _Float8FrozenMatmul.apply(
-            x.reshape(-1, self.in_features),
-            self.weight_fp8,
-            self.weight_scale,
-            self.weight_t_fp8,
-            self.weight_t_scale,
-            self.compute_dtype,
-        )
+        x2d = x.reshape(-1, self.in_features)
+        if self.backward == "fp8":
+            y = _Float8FrozenMatmul.apply(x2d, self.weight_fp8, self.weight_scale,
+                                          self.weight_t_fp8, self.weight_t_scale, self.compute_dtype)
+        else:
+            y = _Float8ForwardMatmul.apply(x2d, self.weight_fp8, self.weight_scale, self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -194,7 +228,8 @@ class Float8FrozenLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, weight=float8_e4m3fn row-wise"
+            f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, "
+            f"weight=float8_e4m3fn row-wise, backward={self.backward}"
         )
 
 
@@ -207,7 +242,8 @@ def float8_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-def convert_base_layers_to_float8(model: torch.nn.Module) -> int:
+def convert_base_layers_to_float8(model: torch.nn.Module, target_modules=None,
+                                  backward: str = "fp8") -> int:
     """Swap the frozen base linear of every peft LoRA `Linear` for a `Float8FrozenLinear`.
 
     Only layers whose `base_layer` is a plain `nn.Linear` with in/out features multiples
@@ -216,20 +252,25 @@ def convert_base_layers_to_float8(model: torch.nn.Module) -> int:
 
     Args:
         model: a peft model (or any module tree containing peft LoRA layers).
+        target_modules: leaf names of the LoRA layers to convert (peft's suffix match,
+            e.g. ["gate_proj", "up_proj", "down_proj"]); None: every one that qualifies.
+        backward: "fp8" or "dequantized" (`Float8FrozenLinear`).
 
     Returns:
         How many base layers were converted.
 
     Raises:
         ValueError: a LoRA layer uses DoRA (it reads `base_layer.weight`, which the FP8
-            layer does not provide); nothing is converted then.
+            layer does not provide), or a name in target_modules is no LoRA layer's;
+            nothing is converted then.
     """
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    candidates = []
+    candidates, lora_names = [], set()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLinear):
             continue
+        lora_names.add(name.rsplit(".", 1)[-1])
         variants = getattr(module, "lora_variant", {}).values()
         if any(module.use_dora.values()) or any("Dora" in type(v).__name__ for v in variants):
             raise ValueError(
@@ -237,6 +278,8 @@ def convert_base_layers_to_float8(model: torch.nn.Module) -> int:
                 "its forward. Fix: turn DoRA off or leave FP8 off."
             )
         base = module.base_layer
+        if target_modules is not None and name.rsplit(".", 1)[-1] not in target_modules:
+            continue
         if (
             type(base) is torch.nn.Linear
             and base.in_features % _ALIGN == 0
@@ -244,9 +287,14 @@ def convert_base_layers_to_float8(model: torch.nn.Module) -> int:
             and not getattr(module, "fan_in_fan_out", False)
         ):
             candidates.append(module)
+    unknown = sorted(set(target_modules or ()) - lora_names)
+    if unknown:
+        raise ValueError(
+            f"training.fp8_target_modules: {unknown} name no LoRA layer of this model (its LoRA "
+            f"layers: {sorted(lora_names)}). Fix: use those names, or null for all of them.")
     for module in candidates:
         old = module.base_layer
-        module.base_layer = Float8FrozenLinear.from_linear(old)
+        module.base_layer = Float8FrozenLinear.from_linear(old, backward=backward)
         # Free the bf16 weight now, not whenever the last reference happens to go.
         old.weight = None
         old.bias = None

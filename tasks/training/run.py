@@ -164,7 +164,7 @@ def setup(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetManifest
     init_peft, initial = initial_adapter(profile, model, run_dir)
     trainable, total = model.get_nb_trainable_parameters()
     if profile.training.fp8:  # after counting: the FP8 weights are buffers, not parameters
-        use_fp8(model)
+        use_fp8(profile, model)
     trainer, eval_ds = build_trainer(profile, model, tokenizer, dataset, run_dir)
     return TrainingRun(profile, tokenizer, base_padding_side, model, liger, init_peft,
                        initial, trainable, total, trainer, eval_ds)
@@ -209,7 +209,7 @@ def setup_model(profile: Profile, snapshot: SnapshotManifest, dataset: DatasetMa
     return model, liger
 
 
-def use_fp8(model) -> int:
+def use_fp8(profile: Profile, model) -> int:
     """training.fp8: the frozen base weights of the LoRA layers in FP8 (tasks.training.fp8).
 
     Raises:
@@ -220,9 +220,13 @@ def use_fp8(model) -> int:
     if not float8_supported():
         raise errors.ProfileError(
             "training.fp8: FP8 matmuls need a CUDA GPU with FP8 tensor cores (compute "
-            "capability 8.9 or newer: Ada, Hopper, Blackwell), and none is visible. Fix: set "
-            "training.fp8 to false.")
-    converted = convert_base_layers_to_float8(model)
+            "capability 8.9 or newer: Ada, Hopper, Blackwell), and this machine has none. "
+            "Fix: set training.fp8 to false.")
+    try:
+        converted = convert_base_layers_to_float8(model, profile.training.fp8_target_modules,
+                                                  profile.training.fp8_backward)
+    except ValueError as exc:
+        raise errors.ProfileError(str(exc)) from None
     if converted == 0:
         raise errors.ProfileError(
             "training.fp8: no LoRA-wrapped linear layer FP8 can take (plain nn.Linear, sizes "
@@ -619,4 +623,6 @@ def speed_entry(run: TrainingRun) -> dict:
             "torch_compile": any(getattr(m, "_compiled_call_impl", None) is not None
                                  for m in modules),
             "offloaded_layers": offloading_layers(run.model),
-            "fp8_layers": sum(1 for m in modules if type(m).__name__ == "Float8FrozenLinear")}
+            "fp8_layers": sum(1 for m in modules if type(m).__name__ == "Float8FrozenLinear"),
+            "fp8_backward": next((m.backward for m in modules
+                                  if type(m).__name__ == "Float8FrozenLinear"), None)}

@@ -66,7 +66,9 @@ def test_offloaded_checkpointing_gives_torch_checkpointing_s_gradients(checkpoin
     assert worst < 0.02, worst   # other dropout masks would differ by far more
 
 
-def test_fp8_base_matmuls_are_close_and_still_train(checkpoints):
+@pytest.mark.parametrize("modules, backward, converted", [
+    (None, "fp8", 2 * 7), (["gate_proj", "up_proj", "down_proj"], "dequantized", 2 * 3)])
+def test_fp8_base_matmuls_are_close_and_still_train(checkpoints, modules, backward, converted):
     import torch
 
     from tasks.training.fp8 import convert_base_layers_to_float8, float8_supported
@@ -78,7 +80,7 @@ def test_fp8_base_matmuls_are_close_and_still_train(checkpoints):
                           generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         reference = model(input_ids=batch).logits.float()
-    assert convert_base_layers_to_float8(model) == 2 * 7
+    assert convert_base_layers_to_float8(model, modules, backward) == converted
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         fp8 = model(input_ids=batch).logits.float()
     error = ((fp8 - reference).norm() / reference.norm()).item()
@@ -92,6 +94,6 @@ def test_fp8_base_matmuls_are_close_and_still_train(checkpoints):
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
-    record("fp8_base", logits_relative_error=error, first_loss=losses[0], last_loss=losses[-1])
+    record(f"fp8_base_{backward}", modules=modules, logits_relative_error=error, first_loss=losses[0], last_loss=losses[-1])
     assert error < 0.1, error
     assert losses[-1] < losses[0] * 0.9, losses

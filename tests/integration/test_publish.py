@@ -81,7 +81,7 @@ def test_card_round_trips_and_agrees_with_profile_and_lineage(published, hub):
     assert re.fullmatch(r"[0-9a-f-]{36}", lineage["flow_run_id"])
     assert lineage["speed"] == {"liger_kernel": False, "liger_kernels": [],   # on CPU
                                 "torch_compile": False, "offloaded_layers": 0,
-                                "fp8_layers": 0}
+                                "fp8_layers": 0, "fp8_backward": None}
 
     # The body, value by value against the profile and the lineage.
     rows = _card_tables(card.text)

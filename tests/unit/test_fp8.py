@@ -113,9 +113,10 @@ def test_layers_not_multiple_of_16_stay_plain_linear():
     assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, Float8FrozenLinear)
 
 
-def test_dtype_cast_keeps_fp8_buffers_and_compile_traces_one_graph():
+@pytest.mark.parametrize("backward", ["fp8", "dequantized"])
+def test_dtype_cast_keeps_fp8_buffers_and_compile_traces_one_graph(backward):
     lin = torch.nn.Linear(128, 64, dtype=torch.float32).requires_grad_(False)
-    fp8 = Float8FrozenLinear.from_linear(lin)
+    fp8 = Float8FrozenLinear.from_linear(lin, backward=backward)
     fp8.to(torch.bfloat16)  # as model.to(dtype) does: torch counts float8 as floating point
     assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and fp8.weight_scale.dtype == torch.float32
     assert fp8.compute_dtype == torch.bfloat16 and fp8.bias.dtype == torch.bfloat16
@@ -127,3 +128,44 @@ def test_dtype_cast_keeps_fp8_buffers_and_compile_traces_one_graph():
     y = torch.compile(fp8, backend="aot_eager", fullgraph=True)(x)  # dynamo traces the Function
     y.sum().backward()
     assert torch.equal(y, y_eager) and torch.equal(x.grad, g_eager)
+
+
+def test_dequantized_backward_keeps_one_fp8_copy_and_the_gradient_in_16_bits():
+    lin = _linear()
+    fp8 = Float8FrozenLinear.from_linear(lin, backward="dequantized")
+    both = Float8FrozenLinear.from_linear(lin)
+    nbytes = lambda m: sum(b.numel() * b.element_size() for b in m.buffers())  # noqa: E731
+    assert fp8.weight_t_fp8 is None and fp8.weight_t_scale is None
+    assert nbytes(fp8) < 0.6 * nbytes(both)  # one e4m3 copy of (N, K) instead of two
+
+    x = torch.randn(4, 32, 128, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4, 32, 64, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = fp8(x)
+    assert torch.equal(y, both(x.detach()))  # the same fp8 forward
+    y.backward(g)
+    assert saved and max(saved) < x.numel(), saved
+    # ∂x is the 16-bit gradient times the dequantized weight: exactly, not within FP8 noise.
+    dequantized = (fp8.weight_fp8.float() * fp8.weight_scale.view(-1, 1)).to(torch.bfloat16)
+    assert torch.equal(x.grad, g @ dequantized)
+    x_ref = x.detach().clone().requires_grad_(True)
+    lin(x_ref).backward(g)
+    assert _rel(x.grad, x_ref.grad) < 0.06
+
+
+def test_target_modules_pick_the_layers_and_unknown_names_are_refused():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = _tiny_lora_llama()
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    assert convert_base_layers_to_float8(model, mlp, backward="dequantized") == 2 * 3
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            in_mlp = name.rsplit(".", 1)[-1] in mlp
+            assert isinstance(module.base_layer, Float8FrozenLinear) == in_mlp, name
+
+    model = _tiny_lora_llama()
+    with pytest.raises(ValueError, match=r"fp8_target_modules: \['gate'\].*gate_proj"):
+        convert_base_layers_to_float8(model, ["gate", "up_proj"])
+    assert not any(isinstance(m, Float8FrozenLinear) for m in model.modules())  # nothing converted
