@@ -8,6 +8,11 @@ plain baseline in both (equal baseline figures show it was the same GPU):
     python3 bench/side_by_side.py peer OUTDIR       # bundle .peer: baseline + Unsloth rows
     python3 bench/side_by_side.py table DIR...      # here: the comparison as a Markdown table
 
+When the loraflow side outgrows one call (a call runs at most 600 s), SIDE_ROWS splits it:
+`SIDE_ROWS=8b-bf16,8b-nf4 … loraflow`, then `peer`, then `SIDE_ROWS=1b-bf16,varlen,learn …
+loraflow`, back to back; every call runs the 1B baseline (`1b-bf16` or `1b-baseline`, or
+the peer call's own), so equal baseline figures show one GPU throughout.
+
 Each call installs its bundle into its own --target directory, records the machine and the
 versions, and runs every bench in its own process (the baseline first: Liger and Unsloth
 patch transformers for the rest of a process), each with a timeout cut from the call's
@@ -41,25 +46,31 @@ START = time.time()
 # Each shape's process runs the plain baseline of its shape first unless
 # BENCH_NO_BASELINE is set for it (the 1B baseline alone shows the two calls shared a GPU).
 LORAFLOW = [
-    ("1b-bf16", ["llama-1b", "bs8-compile", "bs8-compile-fp8mlp-dq", "bs8-compile-fp8mlp-dq-b0.8",
-                 "bs8-compile-fp8dq-b0.8"], {}),
+    ("1b-bf16", ["llama-1b", "bs8-compile-fp8mlp-dq-b0.8", "bs8-compile-fp8dq-b0.8"], {}),
     # the 1B baseline alone: proof of the same GPU in a call without the 1B row
     ("1b-baseline", ["llama-1b", "none"], {}),
-    ("8b-bf16", ["llama-8b", "bs2x2-compile-fp8mlp-dq", "bs4-offload-compile-fp8mlp-dq",
-                 "bs2x2-compile-fp8dq", "bs4-offload-compile-fp8dq"], {"BENCH_NO_BASELINE": "1"}),
+    ("8b-bf16", ["llama-8b", "bs4-offload-compile-fp8mlp-dq", "bs2x2-compile-fp8mlp-dq",
+                 "bs4-offload-compile-fp8dq", "bs2x2-compile-fp8dq"], {"BENCH_NO_BASELINE": "1"}),
     ("8b-nf4", ["llama-8b-nf4", "bs4-offload-compile"], {"BENCH_NO_BASELINE": "1"}),
     ("varlen", ["varlen", "packed-32-compile"], {"BENCH_NO_BASELINE": "1"}),
-    ("learn", ["learn"], {"LEARN": "fast-fp8mlp-dq,fast-fp8dq,fast-fp8mlp,fast"}),
+    ("learn", ["learn"], {"LEARN": "fast-fp8mlp-dq,fast-fp8dq"}),
 ]
-# SIDE_ROWS=8b-bf16,8b-nf4 runs only those entries of LORAFLOW (default: all of them, in
-# order): the loraflow side can span two calls around the peer call when it outgrows one.
+# SIDE_ROWS=learn,1b-bf16 runs only those entries of LORAFLOW or PEER, in that order
+# (default: all of them, in list order), to fit a call's time limit (600 s): the loraflow
+# side can also span two calls around the peer call.
 SIDE_ROWS = [r for r in os.environ.get("SIDE_ROWS", "").split(",") if r]
+
+
+def chosen(entries: list[tuple]) -> list[tuple]:
+    by_name = {e[0]: e for e in entries}
+    return [by_name[n] for n in SIDE_ROWS if n in by_name] if SIDE_ROWS else entries
 # The plain baseline's cases (bench/baseline_peft.py tags), run in the peer call.
 BASELINE = ["llama-1b-b-nock-nolig"]
 # Unsloth's cases per process (bench/peer_unsloth.py CASE syntax).
 PEER = [
     ("1b", ["llama-1b:bf16:8:false", "varlen:bf16:32:false"]),
-    ("8b", ["llama-8b:bf16:4:unsloth", "llama-8b:bf16:2:false:2", "llama-8b:nf4:4:unsloth"]),
+    ("8b", ["llama-8b:bf16:4:unsloth", "llama-8b:bf16:2:false:2"]),
+    ("8b-nf4", ["llama-8b:nf4:4:unsloth"]),
 ]
 ROWS = ["1B bf16, global 8", "8B bf16 memory-lean, global 4", "8B bf16 fastest, 2 × 2",
         "8B nf4 + double quant, global 4", "1B variable length, 64 examples / step"]
@@ -149,9 +160,7 @@ def call_loraflow(out: Path) -> None:
     env = {"PYTHONPATH": path, "PREFECT_HOME": "/tmp/prefect", "PYTHONUNBUFFERED": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     machine(out, path, ["liger_kernel"])
-    for name, args, extra in LORAFLOW:
-        if SIDE_ROWS and name not in SIDE_ROWS:
-            continue
+    for name, args, extra in chosen(LORAFLOW):
         if left() < 30:
             print(f"# {name}: skipped, budget spent", flush=True)
             continue
@@ -167,7 +176,7 @@ def call_peer(out: Path) -> None:
            "HF_HUB_OFFLINE": "1"}
     machine(out, "/tmp/peer", ["unsloth", "unsloth_zoo", "liger_kernel"])
     baseline(out, "/tmp/peer")  # before Unsloth, in its own process: Unsloth patches transformers
-    for name, cases in PEER:
+    for name, cases in chosen(PEER):
         if left() < 30:
             print(f"# peer-{name}: skipped, budget spent", flush=True)
             continue
