@@ -312,7 +312,7 @@ def table(dirs: list[Path]) -> str:
         met = (ratio >= 1.0 if key == ROWS[4] else
                ratio >= 1.05 and a["peak_mem_gib"] <= b["peak_mem_gib"])
         lines.append(f"| {key} | {describe(a)} {a['tokens_per_s']:,} | {describe(b)} "
-                     f"{b['tokens_per_s']:,} | {ratio:.2f}× | {a['peak_mem_gib']} / "
+                     f"{b['tokens_per_s']:,} | {ratio:.3f}× | {a['peak_mem_gib']} / "
                      f"{b['peak_mem_gib']} | {'**met**' if met else 'not met'} |")
     return "\n".join(lines + [""] + learn_lines(everything))
 
