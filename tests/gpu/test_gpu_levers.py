@@ -67,7 +67,7 @@ def test_offloaded_checkpointing_gives_torch_checkpointing_s_gradients(checkpoin
 
 
 @pytest.mark.parametrize("modules, backward, converted", [
-    (None, "fp8", 2 * 7), (["gate_proj", "up_proj", "down_proj"], "dequantized", 2 * 3)])
+    (None, "fp8", 2 * 7), (["gate_proj", "up_proj"], "dequantized", 2 * 2)])
 def test_fp8_base_matmuls_are_close_and_still_train(checkpoints, modules, backward, converted):
     import torch
 
