@@ -586,8 +586,9 @@ class TrainingSection(_Section):
         "method lora without DoRA, and no quantization.")
     fp8_target_modules: Optional[list[str]] = Field(
         None, title="FP8: which LoRA layers", description="With fp8: the leaf names of the "
-        "LoRA layers whose base runs in FP8 (e.g. [gate_proj, up_proj, down_proj]: the MLP, "
-        "most of a Llama's linear FLOPs); null: every LoRA layer FP8 can take.")
+        "LoRA layers whose base runs in FP8, e.g. [gate_proj, up_proj] (a Llama MLP's input "
+        "projections: with fp8_backward dequantized, the recipe that trained as 16 bits do "
+        "on the learnable check); null: every LoRA layer FP8 can take.")
     fp8_backward: Literal["fp8", "dequantized"] = Field(
         "fp8", title="FP8: input gradient", description="With fp8: fp8 quantizes the "
         "gradient and multiplies it with a transposed fp8 copy of the weight (both matmuls "
@@ -713,6 +714,15 @@ class Profile(_Section):
             raise ValueError(f"{fp8_options[0]}: it shapes FP8 matmuls, but training.fp8 is "
                              f"false. Fix: set training.fp8 to true, or leave "
                              f"{fp8_options[0]} at its default.")
+        lora_targets = self.lora.target_modules
+        if self.training.fp8_target_modules and isinstance(lora_targets, list):
+            leaves = {t.rsplit(".", 1)[-1] for t in lora_targets}
+            outside = [m for m in self.training.fp8_target_modules if m not in leaves]
+            if outside:
+                raise ValueError(f"training.fp8_target_modules: {outside} are not LoRA layers "
+                                 f"(lora.target_modules is {lora_targets}), and FP8 converts "
+                                 "only the base of LoRA layers. Fix: name layers from "
+                                 "lora.target_modules, or add these to it.")
         if self.training.fp8 and self.lora.method != "lora":
             raise ValueError(f"training.fp8: FP8 replaces the base of LoRA layers, and "
                              f"lora.method is {self.lora.method}. Fix: set training.fp8 to "

@@ -94,6 +94,7 @@ def test_fp8_base_matmuls_are_close_and_still_train(checkpoints, modules, backwa
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
-    record(f"fp8_base_{backward}", modules=modules, logits_relative_error=error, first_loss=losses[0], last_loss=losses[-1])
+    record(f"fp8_base_{backward}", modules=modules, logits_relative_error=error,
+           first_loss=losses[0], last_loss=losses[-1])
     assert error < 0.1, error
     assert losses[-1] < losses[0] * 0.9, losses
