@@ -67,6 +67,8 @@ SIDE_ROWS = [r for r in os.environ.get("SIDE_ROWS", "").split(",") if r]
 def chosen(entries: list[tuple]) -> list[tuple]:
     by_name = {e[0]: e for e in entries}
     return [by_name[n] for n in SIDE_ROWS if n in by_name] if SIDE_ROWS else entries
+
+
 # The plain baseline's cases (bench/baseline_peft.py tags), run in the peer call.
 BASELINE = ["llama-1b-b-nock-nolig"]
 # Unsloth's cases per process (bench/peer_unsloth.py CASE syntax).
