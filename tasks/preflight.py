@@ -34,6 +34,7 @@ from tasks.memory import devices
 from tasks.memory.fit import plan_memory
 from tasks.memory.tensors import (
     TensorSpecs,
+    check_fp8_target_modules,
     check_target_modules,
     linear_modules,
     tensor_specs_from_hub,
@@ -264,6 +265,9 @@ def check_memory(api, profile: Profile, model: ModelRef, gpus: list,
     tensors = model_tensors(api, model)
     config = model_config(api, model)
     check_target_modules(profile.lora, tensors, config, profile.model.task)
+    if profile.training.fp8:
+        check_fp8_target_modules(profile.training.fp8_target_modules, tensors, config,
+                                 profile.model.task)
     if adapter is not None:
         check_adapter_shape(profile, adapter, tensors, config)
     return plan_memory(profile, tensors, config, gpus=gpus)

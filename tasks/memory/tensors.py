@@ -145,6 +145,25 @@ def targeted(lora_targets, linears: list[Linear]) -> list[Linear]:
             if any(m.name == t or m.name.endswith("." + t) for t in lora_targets)]
 
 
+def check_fp8_target_modules(names: Optional[list[str]], tensors: TensorSpecs,
+                             config: Optional[dict] = None, task: str = "causal-lm") -> None:
+    """training.fp8_target_modules are leaf names of this model's linear layers (headers
+    only, before the download; that they are LoRA layers too is checked when the adapter is
+    injected, tasks.training.fp8).
+
+    Raises:
+        ProfileError: a name is no linear layer's leaf name (listing those that are)."""
+    if not names:
+        return
+    leaves = sorted({m.leaf for m in linear_modules(tensors, config, task)})
+    unknown = [n for n in names if n not in leaves]
+    if unknown:
+        raise errors.ProfileError(
+            f"training.fp8_target_modules: {unknown} name no linear layer of this model (the "
+            f"field takes leaf names: {', '.join(leaves)}). Fix: use those names, or null for "
+            "every LoRA layer.")
+
+
 def check_target_modules(lora_targets, tensors: TensorSpecs, config: Optional[dict] = None,
                          task: str = "causal-lm") -> None:
     """Refuse target module names that match nothing, listing the names that exist.

@@ -34,9 +34,9 @@ Nothing the size of the input is saved for the backward: the weight is frozen, s
 gradient (the only use of x) is never computed.
 
 Which recipe keeps training as 16 bits do (docs/benchmarks.md, 1B learnable check on the
-H200): all seven projections moved the loss 3.4–3.8% (either backward), gate/up/down with
-the dequantized backward 2.3%, gate and up only with the dequantized backward 0.6% — the
-16-bit path's own 0.7%.
+H200, one seed each): all seven projections moved the loss 3.4–3.8% (either backward),
+gate/up/down with the dequantized backward 2.3%, gate and up only with the dequantized
+backward 0.6% — the 16-bit path's own 0.7%.
 
 Padding: `_scaled_mm` needs K and N multiples of 16 (conversion skips other layers) and,
 for some layouts on the GPU, M too; M is padded up to a multiple of 16 with zero rows and
@@ -289,8 +289,9 @@ def convert_base_layers_to_float8(model: torch.nn.Module, target_modules=None,
     unknown = sorted(set(target_modules or ()) - lora_names)
     if unknown:
         raise ValueError(
-            f"training.fp8_target_modules: {unknown} name no LoRA layer of this model (its LoRA "
-            f"layers: {sorted(lora_names)}). Fix: use those names, or null for all of them.")
+            f"training.fp8_target_modules: {unknown} name no LoRA layer of this model by its "
+            f"leaf name (its LoRA layers: {sorted(lora_names)}). Fix: use those names, or "
+            "null for all of them.")
     for module in candidates:
         old = module.base_layer
         module.base_layer = Float8FrozenLinear.from_linear(old, backward=backward)

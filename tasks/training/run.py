@@ -230,7 +230,8 @@ def use_fp8(profile: Profile, model) -> int:
     if converted == 0:
         raise errors.ProfileError(
             "training.fp8: no LoRA-wrapped linear layer FP8 can take (plain nn.Linear, sizes "
-            "multiples of 16). Fix: set training.fp8 to false.")
+            "multiples of 16). Fix: " + ("name other layers in training.fp8_target_modules, or "
+            if profile.training.fp8_target_modules else "") + "set training.fp8 to false.")
     return converted
 
 

@@ -18,6 +18,7 @@ from tasks.memory.estimate import HEADROOM, estimate_training_memory, resolved_d
 from tasks.memory.fit import InsufficientMemoryError, fit_to_cap, plan_memory
 from tasks.memory.tensors import (
     TensorSpecs,
+    check_fp8_target_modules,
     check_target_modules,
     linear_modules,
     read_safetensors_headers,
@@ -213,6 +214,18 @@ def test_a_gpu_index_that_is_not_visible_is_a_profile_error():
     with pytest.raises(ProfileError) as err:
         plan_memory(profile, llama_tensors(LLAMA_3_2_1B), LLAMA_3_2_1B, gpus=[H100])
     assert "model.device_map" in str(err.value) and "GPU 3" in str(err.value)
+
+
+def test_fp8_target_modules_are_leaf_names_of_the_model_s_linear_layers():
+    tensors = llama_tensors(LLAMA_3_2_1B)
+    check_fp8_target_modules(["gate_proj", "up_proj"], tensors, LLAMA_3_2_1B)
+    check_fp8_target_modules(None, tensors, LLAMA_3_2_1B)      # null: every LoRA layer
+    for wrong in (["gate", "up_proj"], ["mlp.gate_proj"]):      # a typo; a dotted path
+        with pytest.raises(ProfileError) as err:
+            check_fp8_target_modules(wrong, tensors, LLAMA_3_2_1B)
+        msg = str(err.value)
+        assert msg.startswith(f"training.fp8_target_modules: {wrong[:1]}") and "Fix:" in msg
+        assert "gate_proj" in msg.split("leaf names:")[1]
 
 
 def test_target_modules_that_match_nothing_list_the_real_names():

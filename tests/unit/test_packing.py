@@ -50,6 +50,7 @@ def test_packed_loss_equals_the_unpacked_loss(tiny_llama_dir, attn):
     (["training.fp8=true", "lora.use_dora=true"], "training.fp8"),
     (["training.fp8=true", "lora.method=ia3"], "training.fp8"),
     (["training.fp8_backward=dequantized"], "training.fp8_backward"),
+    (["training.fp8=true", "training.fp8_target_modules=[]"], "training.fp8_target_modules"),
     (["training.fp8=true", "lora.target_modules=[q_proj,v_proj]",
       "training.fp8_target_modules=[gate_proj]"], "training.fp8_target_modules"),
     (["training.activation_memory_budget=0"], "training.activation_memory_budget"),
