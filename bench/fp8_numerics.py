@@ -15,7 +15,8 @@ Variants (`VARIANTS`; each name = forward / backward ∂x recipe of every LoRA b
   how far the 50-step trajectory moves from any perturbation.
 - `fp8-committed`: tasks.training.fp8.convert_base_layers_to_float8, unchanged;
   `fp8-committed-dq` with `backward="dequantized"`, `fp8-committed-mlp-dq` also with the MLP
-  projections only (the recipes of training.fp8_backward / fp8_target_modules).
+  projections only, `fp8-committed-gu-dq` with gate_proj/up_proj only (the recipes of
+  training.fp8_backward / fp8_target_modules; gu-dq is the README's recommended one).
 - `fp8-copy`: this script's copy of the committed recipe (checks the copy matches it).
 - `fp8fwd-bf16bwd`: fp8 forward; ∂x = grad (bf16, not quantized) · W dequantized (bf16).
 - `fp8fwd-e5m2bwd`: fp8 forward; incoming gradients quantized row-wise to e5m2 (max 57344).
@@ -166,6 +167,7 @@ VARIANTS = {
     # the committed module with its recipe options (training.fp8_target_modules / fp8_backward)
     "fp8-committed-dq": None,
     "fp8-committed-mlp-dq": None,
+    "fp8-committed-gu-dq": None,
     "fp8-copy": ("fp8", "fp8", "all", False),
     "fp8fwd-bf16bwd": ("fp8", "wq", "all", False),
     "fp8fwd-e5m2bwd": ("fp8", "e5m2", "all", False),
@@ -193,8 +195,10 @@ def build(args, state, variant):
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     spec = VARIANTS[variant]
     if spec is None:
+        targets = (list(MLP) if "-mlp" in variant else ["gate_proj", "up_proj"]
+                   if "-gu" in variant else None)
         n = committed.convert_base_layers_to_float8(
-            model, list(MLP) if "mlp" in variant else None,
+            model, targets,
             "dequantized" if variant.endswith("-dq") else "fp8")
     else:
         fwd, bwd, which, per_tensor = spec

@@ -146,11 +146,15 @@ def run_profile(profile_name: str, profile) -> dict:
 
 
 def _emit(report: dict, as_json: bool) -> int:
+    """Print the run's outcome: the JSON report on stdout with --json; else the summary,
+    on stdout when the run completed and on stderr when it failed (as the refusals before
+    a run are), so `2>errors.txt` catches every failure."""
+    completed = report["status"] == "completed"
     if as_json:
         print(json.dumps(report, default=str))
     else:
-        print(_summary(report))
-    return 0 if report["status"] == "completed" else 1
+        print(_summary(report), file=sys.stdout if completed else sys.stderr)
+    return 0 if completed else 1
 
 
 def cmd_validate(args) -> int:

@@ -190,7 +190,7 @@ def apply_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
         updated = Profile.model_validate(data)
     except ValidationError as err:
         raise ProfileError(describe_validation_error(err).replace(
-            "invalid profile:", "overrides: invalid value:", 1)) from None
+            "invalid profile", "overrides: invalid value", 1)) from None
     if booleans := _booleans_taken_as_numbers(data, updated):
         raise ProfileError("overrides: " + "; ".join(
             f"{loc}: {str(v).lower()} is a boolean where a number is expected. Fix: give "

@@ -71,7 +71,8 @@ def describe_validation_error(err: ValidationError, section: str | None = None) 
         section: the section's name when `err` is for a section alone (e.g. "publish"
             for a PublishSection), so each line still names the full field.
     Returns:
-        "invalid profile:" and one line per error.
+        "invalid profile: <field>: …" on one line for one bad field; for several, that
+        heading and one indented line per field.
     """
     lines = []
     for e in err.errors():
@@ -93,7 +94,15 @@ def describe_validation_error(err: ValidationError, section: str | None = None) 
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{loc}: {e['msg']}{shown}. Fix: set {loc} to a valid value"
                      + (f" — {hint}" if hint else "."))
-    return "invalid profile:\n  " + "\n  ".join(lines)
+    return join_field_errors("invalid profile", lines)
+
+
+def join_field_errors(heading: str, lines: list[str]) -> str:
+    """`heading: line` when one field is wrong (the one line the README promises), else
+    the heading and one indented line per field, so several errors stay readable."""
+    if len(lines) == 1:
+        return f"{heading}: {lines[0]}"
+    return f"{heading} ({len(lines)} fields):\n  " + "\n  ".join(lines)
 
 
 def _field_description(loc: tuple) -> str | None:
@@ -135,11 +144,11 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None) -> Profi
         raise ProfileError(describe_validation_error(err)) from None
     booleans = _booleans_taken_as_numbers(data, profile)
     if booleans:
-        raise ProfileError("invalid profile:\n  " + "\n  ".join(
+        raise ProfileError(join_field_errors("invalid profile", [
             f"{loc}: {str(value).lower()} is a boolean where a number is expected (YAML reads "
             f"true/false/yes/no/on/off as booleans). Fix: set {loc} to a number"
             + (f" — {hint}" if (hint := _field_description(tuple(loc.split(".")))) else ".")
-            for loc, value in booleans))
+            for loc, value in booleans]))
     return profile
 
 

@@ -132,6 +132,7 @@ def test_bad_profile_or_set_is_refused_before_the_run(case, hub, as_user, own_ho
     assert code == 2, (out, err)
     print(f"\n[{case}] {err.strip()}")  # docs/bad-input.md quotes it
     assert err.startswith("loraflow: ") and out == "", (out, err)
+    assert len(err.strip().splitlines()) == 1, err  # the README's one line
     for needle in needles:
         assert needle in err, err
     _no_traceback(out, err, *logs)

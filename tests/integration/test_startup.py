@@ -84,8 +84,8 @@ def test_unreachable_hub_is_retried_then_named_in_one_line(tmp_path):
                and "will start" in line]
     assert len(retries) == 3, done.stderr  # tasks/retry.py: 3 retries
     assert "Retries are exhausted" in done.stderr
-    final = [line for line in done.stdout.splitlines() if line.startswith("loraflow:")]
-    assert len(final) == 1, done.stdout
+    final = [line for line in done.stderr.splitlines() if line.startswith("loraflow:")]
+    assert len(final) == 1 and "loraflow:" not in done.stdout, (done.stdout, done.stderr)
     assert f"could not reach the Hub at {endpoint}" in final[0] and "HF_ENDPOINT" in final[0]
     assert "Fix:" in final[0]
     for text in (done.stdout, done.stderr):

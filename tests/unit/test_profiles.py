@@ -55,6 +55,16 @@ def test_bad_field_is_named(override, field):
     with pytest.raises(ProfileError) as err:
         load_profile("quickstart", [override])
     assert field in str(err.value) and "Fix" in str(err.value)
+    assert str(err.value).startswith(f"invalid profile: {field}")
+    assert "\n" not in str(err.value)  # one bad field: one line
+
+
+def test_several_bad_fields_get_one_line_each():
+    with pytest.raises(ProfileError) as err:
+        load_profile("quickstart", ["lora.r=0", "lora.rank=4"])
+    heading, *lines = str(err.value).splitlines()
+    assert heading == "invalid profile (2 fields):"
+    assert [line.strip().split(":")[0] for line in lines] == ["lora.r", "lora.rank"]
 
 
 def test_validate_cli_exits_non_zero_naming_the_field(tmp_path):
