@@ -189,8 +189,8 @@ def apply_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
     try:
         updated = Profile.model_validate(data)
     except ValidationError as err:
-        raise ProfileError(describe_validation_error(err).replace(
-            "invalid profile", "overrides: invalid value", 1)) from None
+        raise ProfileError(describe_validation_error(
+            err, heading="overrides: invalid value")) from None
     if booleans := _booleans_taken_as_numbers(data, updated):
         raise ProfileError("overrides: " + "; ".join(
             f"{loc}: {str(v).lower()} is a boolean where a number is expected. Fix: give "

@@ -63,16 +63,18 @@ def _parse_value(assignment: str, raw: str):
             f"'{raw}'\", or correct the YAML (lists as [a, b], maps as {{k: v}}).") from None
 
 
-def describe_validation_error(err: ValidationError, section: str | None = None) -> str:
+def describe_validation_error(err: ValidationError, section: str | None = None,
+                              heading: str = "invalid profile") -> str:
     """One line per bad field: the dotted field, what is wrong, and what it should be.
 
     Args:
         err: pydantic's error for a Profile, or for one section validated alone.
         section: the section's name when `err` is for a section alone (e.g. "publish"
             for a PublishSection), so each line still names the full field.
+        heading: what the message starts with (e.g. "overrides: invalid value").
     Returns:
-        "invalid profile: <field>: …" on one line for one bad field; for several, that
-        heading and one indented line per field.
+        "<heading>: <field>: …" on one line for one bad field; for several, the heading
+        and one indented line per field.
     """
     lines = []
     for e in err.errors():
@@ -94,7 +96,7 @@ def describe_validation_error(err: ValidationError, section: str | None = None) 
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{loc}: {e['msg']}{shown}. Fix: set {loc} to a valid value"
                      + (f" — {hint}" if hint else "."))
-    return join_field_errors("invalid profile", lines)
+    return join_field_errors(heading, lines)
 
 
 def join_field_errors(heading: str, lines: list[str]) -> str:
