@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed as dist
+
 from profiles.schema import Profile
 from tasks.contracts import (
     DatasetManifest,
@@ -44,6 +46,12 @@ def main(launch_file: str) -> int:
     except BaseException as exc:
         report_worker_error(Path(launch_file).parent, exc)
         raise
+    # Destroyed while the interpreter is whole, as torch asks of every process: left to
+    # interpreter exit, gloo's threads can still hold finished work whose tensors then
+    # abort a rank that trained correctly (SIGABRT, "terminate called without an active
+    # exception"; pytorch PR #179291). Local: no other rank waits on it.
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

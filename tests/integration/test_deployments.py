@@ -18,7 +18,7 @@ from deploy_stack import PREFECT_FILE, anchor_in, get_stack
 NIGHTLY_DATA = "loraflow-demo/nightly-data"
 NIGHTLY_REPO = "loraflow-demo/nightly-check"
 APPROVAL_REPO = "loraflow-demo/approval-check"
-INTERVAL_S = 40
+INTERVAL_S = 30
 CACHED_STEPS = ("download", "dataset", "train", "verify")
 
 

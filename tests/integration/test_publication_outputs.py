@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from flows.cli import main as cli_main
 from flows.cli import run_profile
@@ -72,8 +74,20 @@ def _without(record: dict, dotted: tuple[str, ...]) -> dict:
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes()
+    return {str(p.relative_to(run_dir)): _training_bytes(p)
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _training_bytes(path: Path) -> bytes:
+    """The file's bytes; for a checkpoint's rng_state.pth (Trainer's saved Python, numpy
+    and torch generator states), the numpy and torch states only: Python's global
+    `random` is shared with every library in the process (Prefect's service loops draw
+    jittered sleeps from it), so its state at a checkpoint is not a training output."""
+    if path.name != "rng_state.pth":
+        return path.read_bytes()
+    state = torch.load(path, weights_only=False)  # our own file: numpy arrays inside
+    kind, keys, *position = state["numpy"]
+    return pickle.dumps((kind, keys.tobytes(), position, state["cpu"].numpy().tobytes()))
 
 
 @pytest.fixture(scope="module")
